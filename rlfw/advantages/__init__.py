@@ -1,0 +1,70 @@
+"""Advantage estimators, chosen by name (``advantage_estimator``) with options (``advantage_kwargs``).
+
+To add one: write a class meeting the contract in ``base.py`` in its own file and add it to ``ESTIMATORS``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from rlfw.advantages.base import (
+    OPTIONAL_FIELDS,
+    AdvantageBatch,
+    AdvantageOutput,
+    BaseEstimator,
+    Estimator,
+)
+from rlfw.advantages.grpo import GRPO
+from rlfw.advantages.rloo import RLOO
+
+ESTIMATORS: dict[str, type] = {
+    "grpo": GRPO,
+    "rloo": RLOO,
+}
+
+
+def estimator_options(name: str) -> dict[str, Any]:
+    """The constructor options of a registered estimator and their defaults."""
+    cls = _lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def check_estimator_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Fail with the valid option names when kwargs holds one the estimator does not take."""
+    valid = estimator_options(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for advantage_estimator={name!r}. "
+            f"Valid options: {sorted(valid) or 'none'} (set them in advantage_kwargs)."
+        )
+
+
+def build_estimator(name: str, **kwargs: Any) -> Estimator:
+    """Build the estimator registered under ``name`` with its options."""
+    check_estimator_options(name, kwargs)
+    return _lookup(name)(**kwargs)
+
+
+def _lookup(name: str) -> type:
+    if name not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown advantage_estimator {name!r}. Valid estimators: {sorted(ESTIMATORS)}. "
+            "A custom one can be passed as an instance: RLTrainer(estimator=...)."
+        )
+    return ESTIMATORS[name]
+
+
+__all__ = [
+    "ESTIMATORS",
+    "OPTIONAL_FIELDS",
+    "AdvantageBatch",
+    "AdvantageOutput",
+    "BaseEstimator",
+    "Estimator",
+    "build_estimator",
+    "check_estimator_options",
+    "estimator_options",
+]

@@ -1,0 +1,189 @@
+"""Build a tokenizer and a tiny causal LM locally, with no hub access.
+
+Tests and the demo use these; users pass any hub id or local path instead. Deterministic for a seed.
+
+    python -m rlfw.assets --out assets/tiny --seed 0 [--hidden-size 64 --num-layers 2]
+
+The tokenizer is a byte-level BPE trained with ``tokenizers`` (any text round-trips exactly). Its chat template
+supports system/user/assistant/tool roles and tool calls, is prefix-preserving (every turn ends with the EOS
+token ``<|end|>`` and nothing sits between turns, so a conversation's tokens are a prefix of its continuation's),
+and carries a ``response_template`` so TRL and rlfw parse tool calls. The model is a Llama-architecture decoder
+(Llama rather than Qwen2 so that ``AutoTokenizer`` keeps the trained pre-tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|bos|>"]
+# Plain (non-special) added tokens: they survive decoding with skip_special_tokens=True.
+ADDED_TOKENS = ["<call>", "</call>", "<answer>", "</answer>"]
+
+CHAT_TEMPLATE = (
+    "{%- if tools -%}<|system|>Tools: "
+    "{%- for t in tools -%}{{ (t.function.name if t.function is defined else t.name) }}"
+    "{%- if not loop.last %}, {% endif -%}{%- endfor -%}<|end|>{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}<|system|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'user' -%}<|user|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'assistant' -%}<|assistant|>{% generation %}{{ m.content or '' }}"
+    "{%- if m.tool_calls -%}{%- for tc in m.tool_calls -%}"
+    "{%- set f = tc.function if tc.function is defined else tc -%}"
+    '<call>{"name": {{ f.name | tojson }}, "arguments": '
+    "{%- if f.arguments is string %} {{ f.arguments }}{% else %} {{ f.arguments | tojson }}{% endif %}}</call>"
+    "{%- endfor -%}{%- endif -%}<|end|>{% endgeneration %}"
+    "{%- elif m.role == 'tool' -%}<|tool|>{{ m.content }}<|end|>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+# transformers' response parser spec: how an assistant turn's text maps back to content + tool_calls.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {
+            "open": "<call>",
+            "close_pattern": r"</call>\s*",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"<\|end\|>\s*", "content": "text"},
+    },
+}
+
+PRESETS = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
+    "small": {"hidden_size": 128, "intermediate_size": 512, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
+}
+
+_WORDS = (
+    "the a an of to in is was what which who where when how many much answer compute tool result search "
+    "python code test def return print calculator add subtract multiply divide plus minus times number "
+    "question find city capital river country year born person language company founded located wrote "
+    "book film color animal planet sum total error invalid input output value list string true false none"
+).split()
+
+
+def _corpus(seed: int, lines: int = 6000) -> list[str]:
+    """Synthetic training text: arithmetic, tool-call JSON, chat turns, code and words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op = rng.choice("+-*/")
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10)))
+        out.append(f"What is {a} {op} {b}? {words}")
+        call = {"name": rng.choice(["calculate", "search", "run_python", "add"]), "arguments": {"expression": f"{a}{op}{b}"}}
+        out.append(f"<|assistant|><call>{json.dumps(call)}</call><|end|><|tool|>{a + b}<|end|>")
+        out.append(f"<|assistant|>The answer is <answer>{a * b}</answer><|end|>")
+        out.append(f"def f(x):\n    return x {op} {b}\nprint(f({a}))")
+    return out
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
+    """Train the byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|end|>",
+        bos_token="<|bos|>",
+        padding_side="left",
+        truncation_side="left",
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+    hf.add_tokens(ADDED_TOKENS)
+    hf.response_template = RESPONSE_TEMPLATE
+    return hf
+
+
+def build_model(tokenizer, seed: int = 0, preset: str = "tiny", **overrides):
+    """A randomly initialised Llama-architecture causal LM sized by ``preset`` (see PRESETS)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    size = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size["hidden_size"],
+        intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_layers"],
+        num_attention_heads=size["num_heads"],
+        num_key_value_heads=size["num_kv_heads"],
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_assets(out: str | os.PathLike, seed: int = 0, preset: str = "tiny", **overrides) -> Path:
+    """Build and save tokenizer + model to ``out``; returns the path. Load with ``load_tokenizer(out)``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    model = build_model(tokenizer, seed, preset, **overrides)
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def ensure_assets(out: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
+    """Build the assets unless a complete set already exists at ``out``."""
+    out = Path(out)
+    if not ((out / "config.json").exists() and (out / "tokenizer.json").exists()
+            and (out / "model.safetensors").exists()):
+        build_assets(out, seed, preset)
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer by path or hub id, making sure tool-call parsing is configured."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a local tokenizer and tiny model (no downloads).")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--hidden-size", type=int, default=None)
+    parser.add_argument("--num-layers", type=int, default=None)
+    args = parser.parse_args(argv)
+    path = build_assets(args.out, args.seed, args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    print(f"wrote tokenizer and model to {path}")
+
+
+if __name__ == "__main__":
+    main()
