@@ -63,3 +63,21 @@ def environment_tools(env: object) -> dict[str, Any]:
         for name, _ in inspect.getmembers(type(env), predicate=inspect.isfunction)
         if not name.startswith("_") and name not in RESERVED_METHODS
     }
+
+
+def resolve_environment(spec: str | None) -> type | None:
+    """The environment class named by a config: a module exposing ``ENVIRONMENT`` or ``'module:Class'``."""
+    if not spec:
+        return None
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"environment={spec!r}: cannot import module {module_name!r} ({err}).") from None
+    attr = attr or "ENVIRONMENT"
+    if not hasattr(module, attr):
+        raise ValueError(f"environment={spec!r}: module {module_name!r} has no {attr!r}; name the class as "
+                         f"'{module_name}:ClassName' or define ENVIRONMENT in the module.")
+    return getattr(module, attr)

@@ -15,12 +15,24 @@ from rlfw.advantages.base import (
     BaseEstimator,
     Estimator,
 )
+from rlfw.advantages.epo import EPO
+from rlfw.advantages.gated import Gated
 from rlfw.advantages.grpo import GRPO
+from rlfw.advantages.igpo import IGPO
+from rlfw.advantages.median import Median
+from rlfw.advantages.riskpo import RiskPO
 from rlfw.advantages.rloo import RLOO
+from rlfw.advantages.stratified import Stratified
 
 ESTIMATORS: dict[str, type] = {
     "grpo": GRPO,
     "rloo": RLOO,
+    "median": Median,
+    "stratified": Stratified,
+    "riskpo": RiskPO,
+    "gated": Gated,
+    "igpo": IGPO,
+    "epo": EPO,
 }
 
 

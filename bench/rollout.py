@@ -1,0 +1,219 @@
+"""Rollout engine vs TRL's built-in tool loop, on the same tiny model, environment, prompts and sampling.
+
+    OMP_NUM_THREADS=1 python bench/rollout.py [--turns 2 4 8 16 --repeats 3 --no-write]
+
+Both contenders run inside ``trl.GRPOTrainer._generate_and_score_completions`` (generation, tool calls, rewards):
+TRL with ``environment_factory=BenchEnv``, rlfw with ``rollout_func=make_rollout_func(BenchEnv, ...)``. The number of
+turns is forced equally for both by a logits processor attached to ``model.generate``: it emits a fixed tool call in
+every turn but the last and a fixed answer in the last, so both sample exactly the same tokens and the ratio measures
+the loop, not the model. Runs alternate between contenders. Appends the table to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LogitsProcessor, LogitsProcessorList
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rlfw.assets import build_assets, load_tokenizer  # noqa: E402
+from rlfw.rollout import make_rollout_func  # noqa: E402
+
+CALL = '<call>{"name": "echo", "arguments": {"text": "hi"}}</call><|end|>'
+ANSWER = "The answer is <answer>4</answer><|end|>"
+
+
+class BenchEnv:
+    """A tool that always succeeds."""
+
+    def reset(self, **row):
+        return None
+
+    def echo(self, text: str) -> str:
+        """Echo the text.
+
+        Args:
+            text: what to echo
+        """
+        return f"echo: {text}"
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+class ForceTurns(LogitsProcessor):
+    """Per row: a tool call in turns 0..K-2 and the answer in turn K-1 (turn index = number of tool results so far)."""
+
+    def __init__(self, tokenizer, num_turns: int):
+        self.call = tokenizer.encode(CALL, add_special_tokens=False)
+        self.answer = tokenizer.encode(ANSWER, add_special_tokens=False)
+        self.tool = tokenizer.convert_tokens_to_ids("<|tool|>")
+        self.assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        self.eos, self.num_turns = tokenizer.eos_token_id, num_turns
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        for b, row in enumerate(input_ids.tolist()):
+            last = len(row) - 1 - row[::-1].index(self.assistant)
+            pos = len(row) - last - 1
+            if self.eos in row[last:]:  # this row already ended its turn: padding follows
+                forced[b, self.eos] = 0.0
+                continue
+            target = self.call if row.count(self.tool) < self.num_turns - 1 else self.answer
+            forced[b, target[pos] if pos < len(target) else self.eos] = 0.0
+        return forced
+
+
+def force(model, tokenizer, num_turns: int) -> None:
+    generate = type(model).generate.__get__(model)
+
+    def forced_generate(*args, **kwargs):
+        return generate(*args, logits_processor=LogitsProcessorList([ForceTurns(tokenizer, num_turns)]), **kwargs)
+
+    model.generate = forced_generate
+
+
+def make_trainer(path, tok, contender: str, num_turns: int, out: str, batch: int, group: int, mcl: int):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+                      dataloader_pin_memory=False, save_strategy="no", max_steps=1, num_generations=group,
+                      per_device_train_batch_size=batch, max_completion_length=mcl, disable_tqdm=True,
+                      max_tool_calling_iterations=num_turns, seed=0)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"say hi {i}"}]} for i in range(batch // group)])
+    kw = {"environment_factory": BenchEnv} if contender == "trl" else {
+        "rollout_func": make_rollout_func(BenchEnv, max_turns=num_turns, tool_timeout=30)}
+    trainer = GRPOTrainer(model=str(path), reward_funcs=[lambda completions, **_: [1.0] * len(completions)],
+                          args=args, train_dataset=ds, processing_class=tok, **kw)
+    force(trainer.model, tok, num_turns)
+    inputs = [row for row in ds for _ in range(group)]
+    return trainer, inputs
+
+
+class _Spans(list):
+    """(start, end) of each per-turn generation call; ``restore`` undoes the wrapping."""
+
+    restore: object = None
+
+    def report(self) -> tuple[list[float], list[float]]:
+        """Generation ms per turn, and the between-turn loop time (parse, tools, env tokens) after each turn."""
+        gen = [1000 * (e - s) for s, e in self]
+        gaps = [1000 * (self[i + 1][0] - self[i][1]) for i in range(len(self) - 1)]
+        return gen, gaps
+
+
+def span_timer(trainer, contender: str) -> _Spans:
+    """Record each per-turn generation call (TRL: _generate_single_turn; rlfw: HFBackend.generate)."""
+    spans = _Spans()
+    if contender == "trl":
+        owner, name = trainer, "_generate_single_turn"
+    else:
+        from rlfw.rollout import HFBackend
+
+        owner, name = HFBackend, "generate"
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        spans.append((start, time.perf_counter()))
+        return result
+
+    setattr(owner, name, timed)
+    spans.restore = lambda: delattr(owner, name) if owner is trainer else setattr(owner, name, original)
+    return spans
+
+
+def measure(trainer, inputs) -> tuple[float, int, int]:
+    start = time.perf_counter()
+    out = trainer._generate_and_score_completions([dict(x) for x in inputs])
+    elapsed = time.perf_counter() - start
+    mask = out["completion_mask"] * out.get("tool_mask", torch.ones_like(out["completion_mask"]))
+    return elapsed, len(inputs), int(mask.sum())
+
+
+def run(args) -> str:
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp()
+    path = build_assets(Path(tmp) / "tiny", seed=0)
+    tok = load_tokenizer(path)
+    lines = ["| turns | TRL episodes/s | rlfw episodes/s | episodes/s ratio (rlfw/TRL) | TRL policy tok/s | rlfw policy tok/s | tok/s ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    per_turn = {}
+    for k in args.turns:
+        trainers = {c: make_trainer(path, tok, c, k, tmp, args.batch, args.group, args.max_completion_length)
+                    for c in ("trl", "rlfw")}
+        totals = {c: [0.0, 0, 0] for c in trainers}
+        for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+            order = ("trl", "rlfw") if rep % 2 == 0 else ("rlfw", "trl")
+            for c in order:
+                torch.manual_seed(rep)
+                timer = span_timer(trainers[c][0], c) if k == max(args.turns) and rep == args.repeats else None
+                t, n, toks = measure(*trainers[c])
+                if timer is not None:
+                    timer.restore()
+                    per_turn[c] = timer.report()
+                if rep:
+                    totals[c] = [totals[c][0] + t, totals[c][1] + n, totals[c][2] + toks]
+        (tt, tn, ttok), (rt, rn, rtok) = totals["trl"], totals["rlfw"]
+        assert ttok == rtok, f"contenders sampled different token counts ({ttok} vs {rtok})"
+        lines.append(f"| {k} | {tn / tt:.2f} | {rn / rt:.2f} | {(rn / rt) / (tn / tt):.2f} | {ttok / tt:.0f} | "
+                     f"{rtok / rt:.0f} | {(rtok / rt) / (ttok / tt):.2f} |")
+        print(lines[-1], flush=True)
+    k = max(args.turns)
+    shown = sorted({0, 1, k // 4, k // 2, 3 * k // 4, k - 2})
+    turn_lines = [f"\nPer turn, {k} turns, {args.batch} episodes (ms; loop = time between two generation calls: parsing, "
+                  "tool calls, building the next input):\n", "| | " + " | ".join(f"turn {i}" for i in shown) + " |",
+                  "|---|" + "---:|" * len(shown)]
+    for c in ("trl", "rlfw"):
+        gen, gaps = per_turn[c]
+        turn_lines.append(f"| {c} generation | " + " | ".join(f"{gen[i]:.1f}" for i in shown) + " |")
+        turn_lines.append(f"| {c} loop | " + " | ".join(f"{gaps[i]:.2f}" for i in shown) + " |")
+    return "\n".join(lines + turn_lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--turns", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8, help="completions per step")
+    p.add_argument("--group", type=int, default=4, help="num_generations")
+    p.add_argument("--max-completion-length", type=int, default=640)
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    args = p.parse_args()
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    table = run(args)
+    print(table)
+    if args.no_write:
+        return
+    import transformers
+    import trl
+
+    command = "OMP_NUM_THREADS=1 python bench/rollout.py " + " ".join(sys.argv[1:])
+    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, torch "
+               f"{torch.__version__} ({torch.get_num_threads()} thread), transformers {transformers.__version__}, "
+               f"trl {trl.__version__}; tiny local Llama (hidden 64, 2 layers), {args.batch} episodes per step, "
+               f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
+    doc = ROOT / "docs" / "benchmarks.md"
+    header = "## Rollout engine vs TRL tool loop"
+    existing = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = ("" if header in existing else f"\n{header}\n\nProduced by `bench/rollout.py`; newest results last.\n")
+    block += f"\n### {datetime.date.today()}: `{command.strip()}`\n\n{machine}.\n\n{table}\n"
+    with open(doc, "a") as f:
+        f.write(block)
+    print(f"appended to {doc}")
+
+
+if __name__ == "__main__":
+    main()

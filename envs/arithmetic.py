@@ -1,0 +1,58 @@
+"""arithmetic: single-turn arithmetic questions answered as ``<answer>N</answer>`` (no tools).
+
+The smallest task that shows learning: the quickstart warm-starts a tiny model on it with SFT, then RL improves it.
+"""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+
+from rlfw.rewards import exact_match
+
+SYSTEM = "Answer with the result in <answer></answer>."
+REWARD_FUNCS = [exact_match]
+
+
+def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    op = rng.choice("+-")
+    return f"What is {a} {op} {b}?", a + b if op == "+" else a - b
+
+
+def _problems(n: int, seed: int, split: str, max_operand: int, distinct: bool = True) -> list[tuple[str, int]]:
+    """n problems (distinct unless told otherwise); train and test come from disjoint parts of the question space."""
+    space = 2 * (max_operand + 1) ** 2
+    if distinct and n > space // 2:
+        raise ValueError(f"asked for {n} distinct {split} questions but max_operand={max_operand} allows about "
+                         f"{space // 2}; raise max_operand or lower n.")
+    rng = random.Random(f"{seed}-{split}")
+    out, seen = [], set()
+    while len(out) < n:
+        question, answer = _problem(rng, max_operand)
+        # Split by a stable hash of the question text so train/test never share a question.
+        in_test = sum(question.encode()) % 5 == 0
+        if (distinct and question in seen) or in_test != (split == "test"):
+            continue
+        seen.add(question)
+        out.append((question, answer))
+    return out
+
+
+def build_dataset(n: int, seed: int = 0, split: str = "train", max_operand: int = 20) -> Dataset:
+    """Columns: prompt (chat messages), answer (string)."""
+    rows = _problems(n, seed, split, max_operand)
+    return Dataset.from_dict({
+        "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in rows],
+        "answer": [str(a) for _, a in rows],
+    })
+
+
+def synthetic_traces(n: int, seed: int = 0, max_operand: int = 20) -> Dataset:
+    """Ideal conversations for supervised warm-start: columns prompt, completion (chat messages)."""
+    rows = _problems(n, seed + 1000, "train", max_operand, distinct=False)
+    return Dataset.from_dict({
+        "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in rows],
+        "completion": [[{"role": "assistant", "content": f"<answer>{a}</answer>"}] for _, a in rows],
+    })

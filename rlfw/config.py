@@ -1,0 +1,131 @@
+"""RLConfig: TRL's GRPOConfig plus only the fields rlfw adds. Invalid settings fail here, before any model loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from rlfw.advantages import ESTIMATORS, build_estimator
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_BACKENDS = ("hf", "vllm")
+VLLM_INSTALL = "pip install 'rlfw[vllm]'  (vllm>=0.26,<=0.31, on a CUDA machine)"
+
+
+@dataclass
+class RLConfig(GRPOConfig):
+    """Configuration for :class:`rlfw.RLTrainer`: every GRPOConfig field, plus the ones below.
+
+    On a machine without CUDA, ``use_cpu`` defaults to True and ``bf16`` to False, so a config written for a GPU
+    also runs (slowly) on a laptop; set them explicitly to override.
+    """
+
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={"help": f"Advantage estimator, by registered name: {sorted(ESTIMATORS)}."},
+    )
+    advantage_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Options of the advantage estimator (a dict, or a JSON string on the command line)."},
+    )
+    environment: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multi-turn environment: a module exposing ENVIRONMENT (e.g. 'envs.calculator') or "
+            "'module:Class'. None = single-turn generation."
+        },
+    )
+    max_turns: int = field(default=4, metadata={"help": "Maximum assistant turns per episode (multi-turn only)."})
+    rollout_backend: str | None = field(
+        default=None,
+        metadata={"help": "Generation backend for rollouts: 'hf' (transformers generate) or 'vllm'. "
+                  "Default: 'vllm' if use_vllm else 'hf'."},
+    )
+    tool_timeout: float = field(default=30.0, metadata={"help": "Seconds a single tool call may run."})
+    max_tool_result_chars: int = field(
+        default=2000, metadata={"help": "Tool results longer than this are truncated (characters)."}
+    )
+    tool_parser: str | None = field(
+        default=None,
+        metadata={"help": "Tool-call format: 'rlfw', 'hermes', 'llama3'; None = detect from the chat template."},
+    )
+    reward_errors: str = field(
+        default="raise",
+        metadata={"help": "When a reward function raises: 'raise' (stop, naming function and sample) or 'nan' "
+                  "(score that sample NaN, count it in rewards/errors, and go on)."},
+    )
+
+    def __post_init__(self):
+        self._apply_device_defaults()
+        super().__post_init__()
+        self._check_estimator()
+        self._check_rollout()
+        if self.reward_errors not in ("raise", "nan"):
+            raise ValueError(f"reward_errors={self.reward_errors!r} is not valid; use 'raise' or 'nan'.")
+
+    def _apply_device_defaults(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = False
+        if not self.use_cpu:
+            logger.info("No CUDA device: setting use_cpu=True.")
+            self.use_cpu = True
+
+    def _check_estimator(self) -> None:
+        if isinstance(self.advantage_kwargs, str):
+            try:
+                self.advantage_kwargs = json.loads(self.advantage_kwargs) if self.advantage_kwargs.strip() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"advantage_kwargs must be a JSON object, e.g. '{{\"scale\": \"mad\"}}'; got "
+                    f"{self.advantage_kwargs!r} ({err.msg})"
+                ) from None
+        self.advantage_kwargs = dict(self.advantage_kwargs or {})
+        name = self.advantage_estimator
+        if name != "grpo" and self.scale_rewards != "group":
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} has no effect with advantage_estimator={name!r}: the "
+                "estimator computes the advantages. Remove scale_rewards, or set the estimator's own option in "
+                "advantage_kwargs."
+            )
+        if name == "grpo" and self.scale_rewards != "group":
+            # TRL's own knob keeps working with the default estimator.
+            chosen = self.advantage_kwargs.setdefault("scale", self.scale_rewards)
+            if chosen != self.scale_rewards:
+                raise ValueError(
+                    f"scale_rewards={self.scale_rewards!r} contradicts advantage_kwargs scale={chosen!r}; set only one."
+                )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "multi_objective_aggregation='normalize_then_sum' is not supported: rlfw estimators receive the "
+                "weighted sum of reward functions. Remove the setting (default 'sum_then_normalize')."
+            )
+        estimator = build_estimator(name, **self.advantage_kwargs)  # unknown name/option -> ValueError with the fix
+        validate = getattr(estimator, "validate_config", None)
+        if validate is not None:
+            validate(self.num_generations)
+
+    def _check_rollout(self) -> None:
+        if self.rollout_backend is None:
+            self.rollout_backend = "vllm" if self.use_vllm else "hf"
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout_backend={self.rollout_backend!r} is not valid; use one of {list(ROLLOUT_BACKENDS)}.")
+        if self.rollout_backend == "vllm":
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(f"rollout_backend='vllm' (or use_vllm=True) needs vLLM, which is not installed: "
+                                 f"{VLLM_INSTALL}. Or use rollout_backend='hf'.")
+            self.use_vllm = True
+        elif self.use_vllm:
+            raise ValueError("use_vllm=True contradicts rollout_backend='hf'; set only one of them.")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}.")
+        if self.tool_timeout <= 0:
+            raise ValueError(f"tool_timeout must be > 0 seconds, got {self.tool_timeout}.")

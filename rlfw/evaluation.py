@@ -1,0 +1,35 @@
+"""Held-out evaluation: greedy decoding, scored with the run's reward functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens: int = 16,
+                         batch_size: int = 64) -> dict[str, float]:
+    """Greedy single-turn accuracy: mean of ``reward_func`` over ``dataset`` (prompt + reward columns)."""
+    model.eval()
+    scores = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in rows["prompt"]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        out = model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        columns = {k: v for k, v in rows.items() if k != "prompt"}
+        completions = [[{"role": "assistant", "content": c}] for c in new]
+        scores += reward_func(completions=completions, prompts=rows["prompt"], completion_ids=None, **columns)
+    return {"accuracy": float(sum(s or 0.0 for s in scores) / max(len(scores), 1)), "n": len(scores)}
+
+
+def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | None = None, max_turns: int = 4,
+                   max_new_tokens: int = 64) -> dict[str, float]:
+    """Greedy held-out evaluation: single-turn, or multi-turn through the rollout engine when ``environment``."""
+    if environment is None:
+        return evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens=max_new_tokens)
+    from rlfw.rollout.evaluation import evaluate_episodes
+
+    return evaluate_episodes(model, tokenizer, dataset, reward_func, environment, max_turns=max_turns,
+                             max_completion_length=max_new_tokens)

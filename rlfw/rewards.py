@@ -1,0 +1,186 @@
+"""Reward functions: built-ins, loading user rewards by name, and containing their errors.
+
+A reward function has TRL's signature ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``
+(dataset columns such as ``answer`` arrive as keyword lists; None = unscorable). Configs name them by built-in
+short name (``exact_match``) or dotted path (``my_pkg.rewards:exact_match`` or ``my_pkg.rewards.exact_match``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function failed on a sample; the message names the function and the sample."""
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the assistant messages of a conversational completion."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
+
+
+def final_answer(completion: Any) -> str | None:
+    """The last ``<answer>...</answer>`` of a completion, stripped; None when there is none."""
+    found = ANSWER_RE.findall(completion_text(completion))
+    return found[-1].strip() if found else None
+
+
+def answers_match(predicted: str | None, gold: Any) -> bool:
+    """Equal as numbers when both parse as numbers, else as whitespace/case-normalised strings."""
+    if predicted is None:
+        return False
+    try:
+        return math.isclose(float(predicted), float(gold), rel_tol=1e-9, abs_tol=1e-9)
+    except (TypeError, ValueError):
+        return " ".join(predicted.lower().split()) == " ".join(str(gold).lower().split())
+
+
+def exact_match(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion's final ``<answer>`` equals the ``answer`` column, else 0.0."""
+    return [float(answers_match(final_answer(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def answer_format(completions: list, **kwargs: Any) -> list[float]:
+    """1.0 when the completion ends with exactly one ``<answer>...</answer>``, else 0.0."""
+    return [float(len(ANSWER_RE.findall(completion_text(c))) == 1) for c in completions]
+
+
+def token_f1(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """Token-level F1 between the final ``<answer>`` and the ``answer`` column (SQuAD-style, lower-cased)."""
+    scores = []
+    for c, gold in zip(completions, answer, strict=True):
+        pred_tokens = (final_answer(c) or "").lower().split()
+        gold_tokens = str(gold).lower().split()
+        common = sum(min(pred_tokens.count(t), gold_tokens.count(t)) for t in set(pred_tokens))
+        if common == 0:
+            scores.append(0.0)
+            continue
+        precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+        scores.append(2 * precision * recall / (precision + recall))
+    return scores
+
+
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "exact_match": exact_match,
+    "answer_format": answer_format,
+    "token_f1": token_f1,
+}
+
+
+def load_reward_func(name: str) -> Callable:
+    """A reward function by built-in short name or dotted path (``pkg.mod:func`` or ``pkg.mod.func``)."""
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"Unknown reward function {name!r}. Built-ins: {sorted(BUILTIN_REWARDS)}; or give a dotted "
+                         "path such as 'my_pkg.rewards:exact_match'.")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"Cannot load reward function {name!r}: {err}. Built-ins: {sorted(BUILTIN_REWARDS)}.") from None
+    if not callable(func):
+        raise ValueError(f"Reward function {name!r} is not callable.")
+    return func
+
+
+def environment_reward(env_cls: type) -> Callable:
+    """The reward function that scores each rollout with its environment's ``get_reward()``."""
+
+    def reward(completions: list, environments: list | None = None, **kwargs: Any) -> list[float | None]:
+        if environments is None:
+            raise RewardFunctionError(f"{env_cls.__name__}.get_reward needs the rollout's environments; none were "
+                                      "passed (is the environment configured?)")
+        return [env.get_reward() for env in environments]
+
+    reward.__name__ = env_cls.__name__
+    return reward
+
+
+def contain_reward_errors(funcs: list, mode: str = "raise") -> list:
+    """Wrap synchronous reward functions so a failure names the function and the sample.
+
+    mode "raise": a raising function, or one returning a wrong-length list or an infinite value, stops the run with
+    a RewardFunctionError. mode "nan": the failing samples are scored NaN (unscorable; advantage 0) and counted in
+    the ``rewards/<name>/errors`` metric. None/NaN returns are unscorable samples, as in TRL.
+    """
+    return [_contain(f, mode) if callable(f) and not inspect.iscoroutinefunction(f) and not _is_module(f) else f
+            for f in funcs]
+
+
+def _is_module(f: Any) -> bool:
+    try:
+        import torch
+
+        return isinstance(f, torch.nn.Module)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _contain(func: Callable, mode: str) -> Callable:
+    name = getattr(func, "__name__", type(func).__name__)
+
+    @functools.wraps(func)
+    def wrapped(prompts=None, completions=None, completion_ids=None, **kwargs):
+        n = len(completions)
+        try:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            values = list(values)
+            if len(values) != n:
+                raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} "
+                                          "completions; return exactly one value (or None) per completion.")
+            bad = [i for i, v in enumerate(values) if v is not None and math.isinf(float(v))]
+            if bad:
+                raise RewardFunctionError(f"reward function {name!r} returned {values[bad[0]]} for sample {bad[0]} "
+                                          "(infinite rewards would poison the baseline); return a finite value or None.")
+        except Exception as err:  # noqa: BLE001 - every failure is reported with its sample
+            values, failing = _score_one_by_one(func, n, prompts, completions, completion_ids, kwargs)
+            if mode == "raise":
+                raise _describe(name, err, failing, completions) from err
+            if "log_metric" in kwargs:
+                kwargs["log_metric"](f"rewards/{name}/errors", float(len(failing)))
+        return values
+
+    return wrapped
+
+
+def _score_one_by_one(func, n, prompts, completions, completion_ids, kwargs) -> tuple[list, list[int]]:
+    """Call ``func`` one sample at a time: (values with None where it failed, indices of the failing samples)."""
+    values, failing = [], []
+    for i in range(n):
+        one = {k: ([v[i]] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+        try:
+            out = list(func(prompts=[prompts[i]] if prompts else prompts, completions=[completions[i]],
+                            completion_ids=[completion_ids[i]] if completion_ids else completion_ids, **one))
+            if len(out) != 1 or (out[0] is not None and math.isinf(float(out[0]))):
+                raise ValueError("bad value")
+            values.append(out[0])
+        except Exception:  # noqa: BLE001
+            values.append(None)
+            failing.append(i)
+    return values, failing
+
+
+def _describe(name, err, failing, completions) -> RewardFunctionError:
+    if isinstance(err, RewardFunctionError):
+        return err
+    where = f"sample {failing[0]}" if failing else "the batch"
+    detail = ""
+    if failing:
+        detail = f"\n  completion: {completion_text(completions[failing[0]])[:200]!r}"
+    return RewardFunctionError(
+        f"reward function {name!r} raised {type(err).__name__}: {err} on {where}.{detail}\n"
+        "Fix the function, or set reward_errors: nan to score failing samples NaN and continue."
+    )

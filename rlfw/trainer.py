@@ -1,0 +1,256 @@
+"""RLTrainer: TRL's GRPOTrainer with a pluggable advantage estimator and multi-turn rollouts.
+
+It overrides only named TRL hooks (pinned by tests/test_trl_hooks.py) and keeps no math of its own:
+
+- ``_calculate_rewards``: keep the gathered (N, F) reward matrix and contain reward-function errors.
+- ``_generate_and_score_completions``: build the AdvantageBatch from gathered rewards and rollout metadata, call
+  the estimator, map (N,) or (N, K) advantages to this process's rows and policy tokens, apply ``keep``.
+- ``_get_per_token_logps_and_entropies`` / ``_compute_loss``: capture TRL's own entropies and add loss-level
+  estimator terms (EPO); keep loss normalisers consistent when rows are dropped.
+- ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: rlfw's state (estimator state) in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from rlfw import checkpoint
+from rlfw.advantages import AdvantageBatch, AdvantageOutput, Estimator, build_estimator
+from rlfw.advantages.base import OPTIONAL_FIELDS
+from rlfw.config import RLConfig
+from rlfw.environment import resolve_environment
+from rlfw.rewards import contain_reward_errors, environment_reward
+
+logger = logging.getLogger(__name__)
+
+# Loss types whose normaliser counts rows (a dropped row would still count): rescale by rows / kept rows.
+ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+# Batch fields each rollout kind can supply.
+SINGLE_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls"})
+MULTI_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls", "turn_rewards"})
+
+
+class RLTrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages come from ``args.advantage_estimator`` (or ``estimator=``).
+
+    Args:
+        estimator: an estimator instance; default: built from ``args.advantage_estimator`` / ``advantage_kwargs``.
+        environment_factory: an environment class for multi-turn rollouts through rlfw's engine; default: the
+            class named by ``args.environment``; None with no ``args.environment`` means single-turn generation.
+        Other arguments are GRPOTrainer's.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: RLConfig | None = None, *, estimator: Estimator | None = None,
+                 environment_factory=None, **kwargs: Any):
+        if args is None or not isinstance(args, RLConfig):
+            raise TypeError("RLTrainer needs args=RLConfig(...) (a GRPOConfig lacks rlfw's fields).")
+        if estimator is None:
+            estimator = build_estimator(args.advantage_estimator, **args.advantage_kwargs)
+        self.estimator = estimator
+        self.rollout_rows: list[dict] | None = None
+        self._rewards_per_func: torch.Tensor | None = None
+        self._entropies: torch.Tensor | None = None
+        self._entropy_window = torch.zeros(2, dtype=torch.float64)
+        reward_funcs = list(reward_funcs or []) if isinstance(reward_funcs, list | tuple) else (
+            [reward_funcs] if reward_funcs is not None else [])
+        env_cls = environment_factory or resolve_environment(args.environment)
+        self.environment_class = env_cls
+        if env_cls is not None:
+            from rlfw.rollout import make_rollout_func
+
+            kwargs["rollout_func"] = make_rollout_func(
+                env_cls, max_turns=args.max_turns, tool_timeout=args.tool_timeout,
+                max_tool_result_chars=args.max_tool_result_chars, parser=args.tool_parser,
+                backend=args.rollout_backend,
+            )
+            if hasattr(env_cls, "get_reward"):
+                reward_funcs.append(environment_reward(env_cls))
+        reward_funcs = contain_reward_errors(reward_funcs, args.reward_errors)
+        self._check_requires(args, env_cls is not None)
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+
+    # ------------------------------------------------------------------ set-up checks
+    def _check_requires(self, args: RLConfig, multi_turn: bool) -> None:
+        supplied = MULTI_TURN_FIELDS if multi_turn else SINGLE_TURN_FIELDS
+        needs = set(getattr(self.estimator, "requires", ()))
+        needs_answer = "answer_logprobs" in needs
+        missing = sorted(needs - supplied - {"answer_logprobs"})
+        if needs_answer and not multi_turn:
+            missing.append("answer_logprobs")
+        if missing:
+            name = getattr(self.estimator, "name", type(self.estimator).__name__)
+            raise ValueError(
+                f"advantage_estimator {name!r} needs {missing} from the rollout, which "
+                f"{'multi-turn' if multi_turn else 'single-turn'} generation does not supply. "
+                + ("Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
+                   else "Use an environment that reports per-turn rewards (_turn_reward).")
+            )
+        validate = getattr(self.estimator, "validate_config", None)
+        if validate is not None:
+            validate(args.num_generations)
+
+    # ------------------------------------------------------------------ rewards
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # (N, F), gathered over processes by TRL
+        return rewards_per_func
+
+    # ------------------------------------------------------------------ advantages
+    def _generate_and_score_completions(self, inputs):
+        self.rollout_rows = inputs  # the engine reads dataset rows (reset kwargs, answers) from here
+        if self.rollout_func is not None:
+            self.environments = None  # the engine resets environments itself; keep TRL's reset block out
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return output
+        batch = self._advantage_batch(inputs, output)
+        result = self.estimator(batch)
+        self._apply_advantages(inputs, output, batch, result)
+        return output
+
+    def _advantage_batch(self, inputs: list[dict], output: dict) -> AdvantageBatch:
+        device = self.accelerator.device
+        rpf = self._rewards_per_func
+        rewards = (rpf * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)  # (N,)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan  # unscorable, exactly as TRL
+        n = rewards.numel()
+        group_ids = torch.arange(n, device=device) // self.num_generations  # (N,) TRL's RepeatSampler order
+        fields = {name: self._gather_field(name, inputs, output) for name in OPTIONAL_FIELDS}
+        return AdvantageBatch(rewards=rewards, group_ids=group_ids, step=self.state.global_step,
+                              max_steps=max(self.state.max_steps, 1), **fields)
+
+    def _gather_field(self, name: str, inputs: list[dict], output: dict) -> torch.Tensor | None:
+        """One optional batch field, built per local row and gathered over processes (None if unavailable)."""
+        device = self.accelerator.device
+        multi_turn = self.rollout_func is not None
+        if name == "num_turns":
+            local = [row.get("num_turns", 1) for row in inputs] if multi_turn else [1] * len(inputs)
+        elif name == "num_tool_calls":
+            local = [row.get("num_tool_calls", 0) for row in inputs] if multi_turn else [0] * len(inputs)
+        elif name == "truncated":
+            if multi_turn:
+                local = [bool(row.get("truncated", False)) for row in inputs]
+            else:
+                eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+                ids, mask = output["completion_ids"], output["completion_mask"]
+                last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+                local = [int(t) not in eos for t in last.tolist()]
+            return self.accelerator.gather(torch.tensor(local, dtype=torch.bool, device=device))
+        elif name == "turn_rewards" and multi_turn:
+            rows = [row.get("turn_rewards") or [float("nan")] for row in inputs]
+            return self._gather_ragged(rows)
+        elif name == "answer_logprobs" and "rlfw_answer_logprobs" in output:
+            return self._gather_ragged(output.pop("rlfw_answer_logprobs"))
+        else:
+            return None
+        return self.accelerator.gather(torch.tensor(local, dtype=torch.long, device=device))
+
+    def _gather_ragged(self, rows: list[list[float]]) -> torch.Tensor:
+        """Per-row lists of different lengths -> (N, K) NaN-padded, gathered over processes."""
+        k = max(len(r) for r in rows)
+        local = torch.full((len(rows), k), torch.nan, device=self.accelerator.device)  # (N_local, K_local)
+        for i, r in enumerate(rows):
+            local[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        local = self.accelerator.pad_across_processes(local, dim=1, pad_index=float("nan"))
+        return self.accelerator.gather(local)
+
+    def _apply_advantages(self, inputs: list[dict], output: dict, batch: AdvantageBatch,
+                          result: AdvantageOutput) -> None:
+        b = len(inputs)
+        rows = slice(self.accelerator.process_index * b, (self.accelerator.process_index + 1) * b)
+        advantages = result.advantages.to(self.accelerator.device).float()
+        token_turns = self._token_turn_ids(inputs, output)  # (N_local, T) turn index, -1 off-policy
+        output["rlfw_turn_ids"] = token_turns
+        if advantages.dim() == 1:
+            output["advantages"] = advantages[rows]  # (N_local,) TRL broadcasts over tokens
+        else:
+            local = advantages[rows]  # (N_local, K)
+            index = token_turns.clamp(min=0, max=local.size(1) - 1)
+            per_token = local.gather(1, index)  # (N_local, T)
+            output["advantages"] = torch.where(token_turns >= 0, per_token, torch.zeros_like(per_token))
+        keep = result.keep.to(self.accelerator.device)[rows]  # (N_local,)
+        if not bool(keep.all()):
+            tool_mask = output.get("tool_mask")
+            tool_mask = torch.ones_like(output["completion_mask"]) if tool_mask is None else tool_mask
+            output["tool_mask"] = tool_mask * keep[:, None].to(tool_mask.dtype)
+            loss_mask = output["completion_mask"] * output["tool_mask"]
+            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        output["rlfw_keep"] = keep.float()
+        self._log_advantages(advantages, result)
+
+    def _token_turn_ids(self, inputs: list[dict], output: dict) -> torch.Tensor:
+        mask = output["completion_mask"]
+        if self.rollout_func is None:
+            return torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -1))
+        turn_ids = torch.full_like(mask, -1)  # (N_local, T)
+        for i, row in enumerate(inputs):
+            ids = row.get("turn_ids") or []
+            length = min(len(ids), turn_ids.size(1))
+            turn_ids[i, :length] = torch.tensor(ids[:length], dtype=turn_ids.dtype)
+        return torch.where(mask.bool(), turn_ids, torch.full_like(turn_ids, -1))
+
+    def _log_advantages(self, advantages: torch.Tensor, result: AdvantageOutput) -> None:
+        metrics = self._metrics["train"]
+        name = getattr(self.estimator, "name", type(self.estimator).__name__)
+        per_completion = advantages if advantages.dim() == 1 else torch.nan_to_num(advantages).sum(1)
+        metrics["advantages/mean"].append(per_completion.mean().item())
+        metrics["advantages/std"].append(per_completion.std().item() if per_completion.numel() > 1 else 0.0)
+        metrics["advantages/kept_frac"].append(result.keep.float().mean().item())
+        for key, value in result.metrics.items():
+            metrics[f"advantages/{name}/{key}"].append(float(value))
+        # The completions table shows the advantages actually trained on, not TRL's.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(logged), per_completion.numel())):
+            logged.pop()
+        logged.extend(per_completion.tolist())
+
+    # ------------------------------------------------------------------ loss
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if torch.is_grad_enabled():
+            self._entropies = entropies  # TRL's own loss-forward entropies, with grad (EPO reuses them)
+        return logps, entropies, aux
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        keep = inputs.get("rlfw_keep")
+        if keep is not None and self.loss_type in ROW_MEAN_LOSSES and 0 < keep.sum() < keep.numel():
+            loss = loss * (keep.numel() / keep.sum())  # dropped rows must not count in a per-row mean
+        loss_term = getattr(self.estimator, "loss_term", None)
+        if loss_term is not None and self.model.training and self._entropies is not None:
+            loss = loss + self._estimator_loss(loss_term, inputs)
+        return loss
+
+    def _estimator_loss(self, loss_term, inputs) -> torch.Tensor:
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        turn_ids = torch.where(mask.bool(), inputs["rlfw_turn_ids"], torch.full_like(inputs["rlfw_turn_ids"], -1))
+        term = loss_term(self._entropies, mask, turn_ids, self.state.global_step, max(self.state.max_steps, 1))
+        stats = torch.stack([(self._entropies.detach() * mask).sum(), mask.sum()]).double().cpu()
+        self._entropy_window += stats
+        if self.accelerator.sync_gradients:
+            window = self.accelerator.reduce(self._entropy_window.to(self.accelerator.device), reduction="sum")
+            self.estimator.update_history(float(window[0] / window[1].clamp(min=1)))
+            self._entropy_window = torch.zeros(2, dtype=torch.float64)
+        self._metrics["train"][f"advantages/{self.estimator.name}/loss_term"].append(term.item())
+        return term / self.current_gradient_accumulation_steps  # scaled for accumulation like TRL's own terms
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint.save_state(self._checkpoint_dir(trial), self.estimator)
+
+    def _load_optimizer_and_scheduler(self, checkpoint_dir):
+        super()._load_optimizer_and_scheduler(checkpoint_dir)
+        if checkpoint_dir is not None:
+            checkpoint.load_state(checkpoint_dir, self.estimator)
+
+    def _checkpoint_dir(self, trial) -> str:
+        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
