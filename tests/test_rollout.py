@@ -276,3 +276,22 @@ def test_require_vllm_names_the_extra():
             require_vllm()
     else:
         require_vllm()
+
+
+def cli_rows(n, seed=0):
+    return [{"prompt": [{"role": "user", "content": f"add {i} and {seed}"}], "answer": str(i + seed)} for i in range(n)]
+
+
+def test_cli_rollout_writes_jsonl_transcripts(assets, tmp_path):
+    import json
+
+    from rlfw.cli import main
+
+    out = tmp_path / "t.jsonl"
+    assert main(["rollout", "--model", str(assets), "--env", "test_rollout:CalcEnv", "--dataset", "test_rollout:cli_rows",
+                 "--num-episodes", "3", "--max-turns", "2", "--max-completion-length", "24", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert len(r["completion_ids"]) == len(r["env_mask"]) == len(r["turn_ids"]) <= 24
+        assert r["messages"][0]["role"] == "user" and r["reward"] == 1.0 and len(r["turn_rewards"]) == r["num_turns"]
