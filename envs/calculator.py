@@ -153,25 +153,44 @@ def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int) -> list
     raise ValueError(f"could not generate {n} distinct {split} problems; lower n or widen min_ops/max_ops")
 
 
-def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3) -> Dataset:
-    """Columns: prompt (system + user messages), answer (str), expression (str), num_ops (int)."""
+def _question(problem: dict[str, Any], style: str) -> str:
+    """The user's question: the word problem, or (style "expression") the bare expression to compute."""
+    if style not in ("word", "expression"):
+        raise ValueError(f"style={style!r} is not valid; use 'word' or 'expression'")
+    return problem["question"] if style == "word" else f"Compute {problem['expression']}."
+
+
+def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
+                  style: str = "word") -> Dataset:
+    """Columns: prompt (system + user messages), answer (str), expression (str), num_ops (int).
+
+    ``style="expression"`` asks for the bare expression ("Compute 13 + 4 * 2.") instead of a word problem.
+    """
     rows = _problems(n, seed, split, min_ops, max_ops)
     return Dataset.from_list([
-        {"prompt": conversation(SYSTEM_PROMPT, p["question"]), "answer": p["answer"], "expression": p["expression"],
+        {"prompt": conversation(SYSTEM_PROMPT, _question(p, style)), "answer": p["answer"], "expression": p["expression"],
          "num_ops": p["num_ops"]}
         for p in rows
     ])
 
 
-def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3) -> Dataset:
+def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
+                     style: str = "word", direct_fraction: float = 0.0) -> Dataset:
     """Ideal conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
 
     Returned as TRL's conversational prompt-completion format: columns prompt (system, user) and completion.
+    ``direct_fraction`` of the traces answer at once without the tool (a policy RL can improve on: direct answers
+    are right only for memorised questions).
     """
     traces = []
+    rng = random.Random(f"calculator-traces-{seed}")
     for p in _problems(n, seed, split, min_ops, max_ops):
+        if rng.random() < direct_fraction:
+            traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)),
+                           {"role": "assistant", "content": ANSWER_FORMAT.format(p["answer"])}])
+            continue
         traces.append([
-            *conversation(SYSTEM_PROMPT, p["question"]),
+            *conversation(SYSTEM_PROMPT, _question(p, style)),
             tool_call_message("calculate", {"expression": p["expression"]}),
             {"role": "tool", "name": "calculate", "content": format_number(evaluate(p["expression"]))},
             {"role": "assistant", "content": ANSWER_FORMAT.format(p["answer"])},

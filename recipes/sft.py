@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 
 
 def run_sft(model_path: str, task: str, out: str, num_examples: int = 2000, epochs: float = 2.0,
-            learning_rate: float = 3e-3, seed: int = 0) -> str:
+            learning_rate: float = 3e-3, seed: int = 0, task_kwargs: dict | None = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    traces = importlib.import_module(task).synthetic_traces(num_examples, seed=seed)
+    traces = importlib.import_module(task).synthetic_traces(num_examples, seed=seed, **(task_kwargs or {}))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     config = SFTConfig(
@@ -40,8 +41,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task-kwargs", default="{}", help="JSON options of the task's synthetic_traces")
     args = parser.parse_args()
-    run_sft(args.model, args.task, args.out, args.num_examples, args.epochs, args.learning_rate, args.seed)
+    run_sft(args.model, args.task, args.out, args.num_examples, args.epochs, args.learning_rate, args.seed,
+            json.loads(args.task_kwargs))
 
 
 if __name__ == "__main__":

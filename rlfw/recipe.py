@@ -34,9 +34,9 @@ class ScriptArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated datasets."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub/local dataset."})
     reward_funcs: list[str] = field(
-        default_factory=lambda: ["exact_match"],
+        default_factory=list,
         metadata={"help": "Reward functions: built-in names or dotted paths ('my_pkg.rewards:f'). With an "
-                  "environment, its get_reward() joins them."},
+                  "environment, its get_reward() joins them (so none may be needed)."},
     )
 
 
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train_dataset, eval_dataset = load_datasets(script_args)
     reward_funcs = [load_reward_func(name) for name in script_args.reward_funcs]
+    if not reward_funcs and not config.environment:
+        raise ValueError("No reward: set reward_funcs (e.g. [exact_match] or 'my_pkg.rewards:score'), or an "
+                         "environment whose get_reward() scores episodes.")
     model, tokenizer = load_model_and_tokenizer(model_args, config)
     trainer = RLTrainer(
         model=model,

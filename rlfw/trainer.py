@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 # Loss types whose normaliser counts rows (a dropped row would still count): rescale by rows / kept rows.
 ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 # Batch fields each rollout kind can supply.
-SINGLE_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls"})
+# Single-turn generation makes no tool calls, so it cannot supply num_tool_calls (stratified would be degenerate).
+SINGLE_TURN_FIELDS = frozenset({"num_turns", "truncated"})
 MULTI_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls", "turn_rewards"})
 
 
@@ -248,7 +249,15 @@ class RLTrainer(GRPOTrainer):
             checkpoint.save_state(self._checkpoint_dir(trial), self.estimator)
 
     def _load_optimizer_and_scheduler(self, checkpoint_dir):
-        super()._load_optimizer_and_scheduler(checkpoint_dir)
+        device = self.args.device
+        if self.args.world_size > 1 and device.type == "cpu" and device.index is not None:
+            # transformers maps the optimizer state to args.device with >1 process; accelerate gives CPU processes
+            # "cpu:0", which torch.load cannot restore to. Plain "cpu" is the same memory.
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint_dir)
+        finally:
+            self.args.__dict__["_setup_devices"] = device
         if checkpoint_dir is not None:
             checkpoint.load_state(checkpoint_dir, self.estimator)
 

@@ -83,10 +83,11 @@ class HFBackend:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            greedy = self.sampling["temperature"] == 0  # temperature 0 = greedy decoding (evaluation)
+            sampling = {} if greedy else {k: v for k, v in self.sampling.items() if v is not None}
             config = GenerationConfig(
-                do_sample=True, max_new_tokens=max(budgets), eos_token_id=self.eos_ids, pad_token_id=pad_id,
-                output_scores=True, return_dict_in_generate=True, disable_compile=True,
-                **{k: v for k, v in self.sampling.items() if v is not None},
+                do_sample=not greedy, max_new_tokens=max(budgets), eos_token_id=self.eos_ids, pad_token_id=pad_id,
+                output_scores=True, return_dict_in_generate=True, disable_compile=True, **sampling,
             )
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         new = out.sequences[:, width:]  # (B, S)

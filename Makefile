@@ -1,0 +1,37 @@
+# rlfw: every target sets itself up on a fresh machine (creates .venv, installs torch first, then the package).
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	# torch first, so pip never resolves a multi-GB CUDA build for the CPU machine
+	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PYTHON) recipes/quickstart.py
+
+test: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q
+
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
+
+bench: setup
+	$(PYTHON) bench/estimators.py
+	$(PYTHON) bench/rollout.py
+
+clean:
+	rm -rf outputs assets $(VENV)

@@ -1,0 +1,43 @@
+"""Held-out multi-turn evaluation through the rollout engine (greedy decoding, no training)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from rlfw.environment import resolve_environment
+from rlfw.rollout.backends import HFBackend
+from rlfw.rollout.engine import RolloutEngine
+
+
+@torch.no_grad()
+def evaluate_episodes(model: Any, tokenizer: Any, dataset: Any, reward_func: Any, environment: str | type,
+                      max_turns: int = 4, max_completion_length: int = 128, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy (mean episode reward from the environment), valid-tool-call rate and turns per episode.
+
+    The valid-tool-call rate is the fraction of tool calls that parsed, named a known tool with fitting arguments,
+    and ran without error.
+    """
+    env_cls = resolve_environment(environment) if isinstance(environment, str) else environment
+    model.eval()
+    backend = HFBackend(model, tokenizer, temperature=0.0)
+    engine = RolloutEngine(tokenizer, backend, max_turns=max_turns, max_completion_length=max_completion_length,
+                           eos_token_ids=backend.eos_ids)
+    rewards, counts, turns = [], Counter(), []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dict(dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+        envs = [env_cls() for _ in rows]
+        for env, episode in zip(envs, engine.run(rows, envs), strict=True):
+            rewards.append(float(env.get_reward()))
+            counts.update(episode.tool_counts)
+            turns.append(episode.num_turns)
+    calls = counts["calls"]
+    return {
+        "accuracy": sum(rewards) / max(len(rewards), 1),
+        "valid_tool_call_rate": (calls - counts["failures"]) / calls if calls else 0.0,
+        "tool_calls_per_episode": calls / max(len(rewards), 1),
+        "turns_per_episode": sum(turns) / max(len(turns), 1),
+        "n": len(rewards),
+    }

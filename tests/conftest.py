@@ -1,0 +1,99 @@
+"""Shared fixtures for the trainer tests: tiny local assets, fast CPU configs, a tiny dataset and a varying reward."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Settings that keep a step around 0.1 s on a CPU; tests override what they exercise.
+FAST_SETTINGS = {
+    "per_device_train_batch_size": 4,
+    "num_generations": 4,
+    "max_completion_length": 8,
+    "max_steps": 2,
+    "report_to": "none",
+    "save_strategy": "no",
+    "gradient_checkpointing": False,
+    "dataloader_pin_memory": False,
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "learning_rate": 1e-3,
+    "seed": 0,
+}
+
+
+def fast_config(output_dir, **overrides):
+    """An RLConfig with fast CPU settings (see FAST_SETTINGS); keyword arguments override them."""
+    from rlfw.config import RLConfig
+
+    return RLConfig(output_dir=str(output_dir), **{**FAST_SETTINGS, **overrides})
+
+
+def prompt_rows(n: int = 16) -> list[dict]:
+    """Single-turn conversational prompts, each with an ``answer`` column."""
+    return [{"prompt": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}], "answer": str(2 * i + 1)}
+            for i in range(n)]
+
+
+def text_of(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion)
+
+
+def hashed_reward(completions, **kwargs) -> list[float]:
+    """Deterministic in the completion text and varied within groups: crc32(text) mod 7, scaled to [0, 1]."""
+    return [zlib.crc32(text_of(c).encode()) % 7 / 6 for c in completions]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> str:
+    """Path (string) of a tiny local tokenizer + Llama model, built once per session."""
+    from rlfw.assets import build_assets
+
+    return str(build_assets(tmp_path_factory.mktemp("assets") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_assets):
+    from rlfw.assets import load_tokenizer
+
+    return load_tokenizer(tiny_assets)
+
+
+@pytest.fixture
+def dataset():
+    from datasets import Dataset
+
+    return Dataset.from_list(prompt_rows())
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """``make_config(**overrides)`` -> RLConfig with fast CPU settings writing under tmp_path/out."""
+
+    def make(**overrides):
+        overrides.setdefault("output_dir", tmp_path / "out")
+        return fast_config(**overrides)
+
+    return make
+
+
+def subprocess_env(tmp_path) -> dict[str, str]:
+    """Environment for child processes: one thread per process, private TMPDIR, the repo importable."""
+    tmp = Path(tmp_path) / "proc_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmp),
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
