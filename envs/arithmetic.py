@@ -23,13 +23,11 @@ def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
 
 def _problems(n: int, seed: int, split: str, max_operand: int, distinct: bool = True) -> list[tuple[str, int]]:
     """n problems (distinct unless told otherwise); train and test come from disjoint parts of the question space."""
-    space = 2 * (max_operand + 1) ** 2
-    if distinct and n > space // 2:
-        raise ValueError(f"asked for {n} distinct {split} questions but max_operand={max_operand} allows about "
-                         f"{space // 2}; raise max_operand or lower n.")
     rng = random.Random(f"{seed}-{split}")
     out, seen = [], set()
-    while len(out) < n:
+    for _ in range(1000 * n + 10000):  # bounded: a too-small question space fails instead of looping
+        if len(out) == n:
+            return out
         question, answer = _problem(rng, max_operand)
         # Split by a stable hash of the question text so train/test never share a question.
         in_test = sum(question.encode()) % 5 == 0
@@ -37,7 +35,10 @@ def _problems(n: int, seed: int, split: str, max_operand: int, distinct: bool = 
             continue
         seen.add(question)
         out.append((question, answer))
-    return out
+    if len(out) == n:
+        return out
+    raise ValueError(f"asked for {n} distinct {split} questions but max_operand={max_operand} allows only "
+                     f"{len(out)}; raise max_operand or lower n.")
 
 
 def build_dataset(n: int, seed: int = 0, split: str = "train", max_operand: int = 20) -> Dataset:
@@ -49,10 +50,16 @@ def build_dataset(n: int, seed: int = 0, split: str = "train", max_operand: int 
     })
 
 
-def synthetic_traces(n: int, seed: int = 0, max_operand: int = 20) -> Dataset:
-    """Ideal conversations for supervised warm-start: columns prompt, completion (chat messages)."""
+def synthetic_traces(n: int, seed: int = 0, max_operand: int = 20, untagged_fraction: float = 0.0) -> Dataset:
+    """Conversations for supervised warm-start: columns prompt, completion (chat messages).
+
+    ``untagged_fraction`` of the answers are written "The answer is N." without the ``<answer>`` tags the reward
+    checks, so the warm-started policy sometimes answers in a form that scores 0 (what RL then learns to avoid).
+    """
     rows = _problems(n, seed + 1000, "train", max_operand, distinct=False)
+    rng = random.Random(f"arithmetic-traces-{seed}")
+    answers = [f"The answer is {a}." if rng.random() < untagged_fraction else f"<answer>{a}</answer>" for _, a in rows]
     return Dataset.from_dict({
         "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in rows],
-        "completion": [[{"role": "assistant", "content": f"<answer>{a}</answer>"}] for _, a in rows],
+        "completion": [[{"role": "assistant", "content": a}] for a in answers],
     })

@@ -30,7 +30,8 @@ def evaluate(model_dir: str, config: dict, n: int) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     task = importlib.import_module(config["dataset"])
-    dataset = task.build_dataset(n, seed=config.get("dataset_seed", 0), split="test")
+    dataset = task.build_dataset(n, seed=config.get("dataset_seed", 0), split="test",
+                                 **config.get("dataset_kwargs", {}))
     reward = load_reward_func(config["reward_funcs"][0])
     return evaluate_model(model, tokenizer, dataset, reward, environment=config.get("environment"),
                           max_turns=config.get("max_turns", 4),
@@ -90,10 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--out", default="outputs/quickstart")
-    parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument("--eval-size", type=int, default=150)
     parser.add_argument("--sft-examples", type=int, default=4000)
     parser.add_argument("--sft-epochs", type=float, default=6.0)
     parser.add_argument("--sft-learning-rate", type=float, default=2e-3)
+    parser.add_argument("--sft-task-kwargs", default='{"untagged_fraction": 0.6}',
+                        help="JSON options of the task's synthetic_traces")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -110,7 +113,8 @@ def main() -> None:
     assets = ensure_assets("assets/small", seed=0, preset="small")
     sft_dir = str(out / "sft")
     print(f"[1/4] supervised warm-start of {assets} on {config['dataset']} traces", flush=True)
-    run_sft(str(assets), config["dataset"], sft_dir, args.sft_examples, args.sft_epochs, args.sft_learning_rate)
+    run_sft(str(assets), config["dataset"], sft_dir, args.sft_examples, args.sft_epochs, args.sft_learning_rate,
+            task_kwargs=json.loads(args.sft_task_kwargs))
     timings["sft"] = time.time() - t0
     print("[2/4] evaluating the warm-started model on held-out prompts", flush=True)
     before = evaluate(sft_dir, config, args.eval_size)

@@ -32,6 +32,9 @@ class ScriptArguments:
     dataset_size: int = field(default=512, metadata={"help": "Training rows to build (module datasets)."})
     eval_size: int = field(default=0, metadata={"help": "Held-out rows for eval (module datasets); 0 = none."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated datasets."})
+    dataset_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Options of a module's build_dataset (a dict, or JSON on the command line)."}
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub/local dataset."})
     reward_funcs: list[str] = field(
         default_factory=list,
@@ -63,12 +66,27 @@ def load_datasets(args: ScriptArguments):
     except ImportError:
         module = None
     if module is not None and hasattr(module, "build_dataset"):
-        train = module.build_dataset(args.dataset_size, seed=args.dataset_seed, split="train")
-        evaluation = module.build_dataset(args.eval_size, seed=args.dataset_seed, split="test") if args.eval_size else None
+        kwargs = dataset_kwargs(args)
+        train = module.build_dataset(args.dataset_size, seed=args.dataset_seed, split="train", **kwargs)
+        evaluation = (module.build_dataset(args.eval_size, seed=args.dataset_seed, split="test", **kwargs)
+                      if args.eval_size else None)
         return train, evaluation
     from datasets import load_dataset
 
     return load_dataset(source, split=args.dataset_split), None
+
+
+def dataset_kwargs(args: ScriptArguments) -> dict:
+    """``dataset_kwargs`` as a dict (the command line passes JSON)."""
+    import json
+
+    value = args.dataset_kwargs
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"dataset_kwargs must be a JSON object; got {value!r} ({err.msg})") from None
+    return dict(value or {})
 
 
 def load_model_and_tokenizer(model_args, config: RLConfig):
