@@ -74,22 +74,23 @@ class RLTrainer(GRPOTrainer):
                 reward_funcs.append(environment_reward(env_cls))
         reward_funcs = contain_reward_errors(reward_funcs, args.reward_errors)
         self._check_requires(args, env_cls is not None)
+        # rlfw's engine is the documented way to use TRL's rollout_func hook; its "experimental" notice is noise here.
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
     # ------------------------------------------------------------------ set-up checks
     def _check_requires(self, args: RLConfig, multi_turn: bool) -> None:
         supplied = MULTI_TURN_FIELDS if multi_turn else SINGLE_TURN_FIELDS
         needs = set(getattr(self.estimator, "requires", ()))
-        needs_answer = "answer_logprobs" in needs
-        missing = sorted(needs - supplied - {"answer_logprobs"})
-        if needs_answer and not multi_turn:
-            missing.append("answer_logprobs")
+        missing = sorted(needs - supplied)
         if missing:
             name = getattr(self.estimator, "name", type(self.estimator).__name__)
             raise ValueError(
                 f"advantage_estimator {name!r} needs {missing} from the rollout, which "
                 f"{'multi-turn' if multi_turn else 'single-turn'} generation does not supply. "
-                + ("Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
+                + ("answer_logprobs (IGPO's answer probes) are not computed by this version of RLTrainer; use an "
+                   "outcome or turn-reward estimator (e.g. gated, stratified) meanwhile." if "answer_logprobs" in missing
+                   else "Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
                    else "Use an environment that reports per-turn rewards (_turn_reward).")
             )
         validate = getattr(self.estimator, "validate_config", None)

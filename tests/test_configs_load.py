@@ -21,7 +21,7 @@ def test_training_config_parses(path, tmp_path):
 
     script_args, config, model_args = parse_args(["--config", str(path), "--output_dir", str(tmp_path / "out")])
     assert config.output_dir == str(tmp_path / "out")
-    assert config.num_generations >= 2 and script_args.reward_funcs
+    assert config.num_generations >= 2 and (script_args.reward_funcs or config.environment)
     assert isinstance(config.advantage_kwargs, dict)
 
 
