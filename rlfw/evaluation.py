@@ -8,9 +8,11 @@ import torch
 @torch.no_grad()
 def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens: int = 16,
                          batch_size: int = 64) -> dict[str, float]:
-    """Greedy single-turn accuracy: mean of ``reward_func`` over ``dataset`` (prompt + reward columns)."""
+    """Greedy single-turn accuracy (mean of ``reward_func``) and the rate of answers in ``<answer>`` tags."""
+    from rlfw.rewards import answer_format
+
     model.eval()
-    scores = []
+    scores, tagged = [], []
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in rows["prompt"]]
@@ -21,7 +23,10 @@ def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens:
         columns = {k: v for k, v in rows.items() if k != "prompt"}
         completions = [[{"role": "assistant", "content": c}] for c in new]
         scores += reward_func(completions=completions, prompts=rows["prompt"], completion_ids=None, **columns)
-    return {"accuracy": float(sum(s or 0.0 for s in scores) / max(len(scores), 1)), "n": len(scores)}
+        tagged += answer_format(completions)
+    n = max(len(scores), 1)
+    return {"accuracy": float(sum(s or 0.0 for s in scores) / n), "tagged_answer_rate": sum(tagged) / n,
+            "n": len(scores)}
 
 
 def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | None = None, max_turns: int = 4,
