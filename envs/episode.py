@@ -15,25 +15,16 @@ is the reward (pass no correctness reward function); under plain TRL pass ``rewa
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset
 
 from rlfw.environment import BaseEnvironment
+from rlfw.rewards import ANSWER_RE, extract_answer  # noqa: F401 - re-exported for the environments
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 ANSWER_FORMAT = "<answer>{}</answer>"
 TEST_FRACTION_BUCKETS = 5  # one bucket in five (20%) of the problem keys is the test split
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The content of the last ``<answer>...</answer>`` in ``text``, stripped; None when there is none."""
-    if not text:
-        return None
-    found = ANSWER_RE.findall(text)
-    return found[-1].strip() if found else None
 
 
 def message_text(content: Any) -> str:

@@ -29,10 +29,15 @@ def completion_text(completion: Any) -> str:
     return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
 
 
+def extract_answer(text: str | None) -> str | None:
+    """The content of the last ``<answer>...</answer>`` in ``text``, stripped; None when there is none."""
+    found = ANSWER_RE.findall(text) if text else []
+    return found[-1].strip() if found else None
+
+
 def final_answer(completion: Any) -> str | None:
     """The last ``<answer>...</answer>`` of a completion, stripped; None when there is none."""
-    found = ANSWER_RE.findall(completion_text(completion))
-    return found[-1].strip() if found else None
+    return extract_answer(completion_text(completion))
 
 
 def answers_match(predicted: str | None, gold: Any) -> bool:
@@ -116,17 +121,10 @@ def contain_reward_errors(funcs: list, mode: str = "raise") -> list:
     a RewardFunctionError. mode "nan": the failing samples are scored NaN (unscorable; advantage 0) and counted in
     the ``rewards/<name>/errors`` metric. None/NaN returns are unscorable samples, as in TRL.
     """
-    return [_contain(f, mode) if callable(f) and not inspect.iscoroutinefunction(f) and not _is_module(f) else f
-            for f in funcs]
+    import torch
 
-
-def _is_module(f: Any) -> bool:
-    try:
-        import torch
-
-        return isinstance(f, torch.nn.Module)
-    except ImportError:  # pragma: no cover
-        return False
+    return [f if isinstance(f, torch.nn.Module) or inspect.iscoroutinefunction(f) or not callable(f)
+            else _contain(f, mode) for f in funcs]
 
 
 def _contain(func: Callable, mode: str) -> Callable:
