@@ -1,36 +1,45 @@
-"""Compute time of every registered advantage estimator on a synthetic generation batch.
+"""What the advantage estimators cost: their compute time, and IGPO's answer probes next to a GRPO training step.
 
-    OMP_NUM_THREADS=1 python bench/estimators.py [--device cpu|cuda] [--repeats 20] [--no-write]
+    OMP_NUM_THREADS=1 python bench/estimators.py [--device cpu|cuda] [--repeats 20] [--probe-steps 8] [--no-write]
 
-Prints a table (median over repeats) and appends it, with the command and date, to docs/benchmarks.md under
-"## Estimator compute time". The batch has 4096 completions (G=8; median uses G=9, i.e. 4095), K=4 turns and
-every optional field filled. EPO's loss term is timed separately (forward + backward on (64, 2048) entropies).
-The IGPO answer probes are a trainer-side cost and are not part of this benchmark.
+1. Compute time (median over repeats) of every registered estimator on a synthetic generation batch of 4096
+   completions (G=8; median uses G=9, i.e. 4095), K=4 turns and every optional field filled. EPO's loss term is
+   timed separately (forward + backward on (64, 2048) entropies).
+2. IGPO's probe cost: the tiny local model is warm-started by SFT on search_qa traces (so that it searches, and
+   episodes have several rounds), then trained ``--probe-steps`` steps with configs/search_qa/igpo.yaml, once as
+   is and once with ``advantage_estimator: grpo`` (same settings, same seed). Reported: seconds per training
+   step (TRL's ``step_time``, generation included), probe seconds per step (``advantages/igpo/probe_seconds``),
+   and the probe tokens forwarded per step next to the step's training tokens (prompt + completion); means over
+   steps 2..N (the first step warms up).
+
+Both tables are appended, with the command, date and machine, to docs/benchmarks.md ("Estimator compute time",
+"IGPO answer-probe cost").
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _doc import ROOT, append_result, machine
 
 from rlfw import ops
 from rlfw.advantages import ESTIMATORS, AdvantageBatch, build_estimator
 
 NUM_COMPLETIONS = 4096
 NUM_TURNS = 4
-HEADING = "## Estimator compute time"
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+PROBE_CONFIG = ROOT / "configs" / "search_qa" / "igpo.yaml"
+# The probe run: the config's own settings except what keeps it short on a CPU.
+PROBE_OVERRIDES = {"per_device_train_batch_size": 16, "num_generations": 8, "dataset_size": 256,
+                   "save_strategy": "no", "disable_tqdm": True, "logging_steps": 1}
 
 
+# ---------------------------------------------------------------- 1. estimator compute time
 def synthetic_batch(group_size: int, device: str, seed: int = 0) -> AdvantageBatch:
     gen = torch.Generator().manual_seed(seed)
     n = (NUM_COMPLETIONS // group_size) * group_size
@@ -89,36 +98,106 @@ def table(rows: list[tuple[str, int, float]]) -> str:
     return "\n".join(lines)
 
 
-def append_to_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if HEADING not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{HEADING}\n\nProduced by `bench/estimators.py`; newest results last.\n"
-    start = doc.index(HEADING) + len(HEADING)
-    end = doc.find("\n## ", start)
-    end = len(doc) if end < 0 else end
-    doc = doc[:end].rstrip("\n") + "\n\n" + text + "\n" + doc[end:]
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
+# ---------------------------------------------------------------- 2. IGPO probe cost
+def warm_started_model(workdir: Path, examples: int, epochs: float) -> str:
+    """The tiny local model after SFT on search_qa traces (tool calls, then the answer); the bare model if 0."""
+    from rlfw.assets import build_assets
+
+    assets = str(build_assets(workdir / "tiny", seed=0))
+    if examples <= 0:
+        return assets
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from sft import run_sft  # the repository's warm-start recipe
+
+    return run_sft(assets, "envs.search_qa", str(workdir / "sft"), num_examples=examples, epochs=epochs)
+
+
+def probe_run(model: str, estimator: str, steps: int, workdir: Path) -> dict[str, float]:
+    """Train ``steps`` steps of the search_qa config with ``estimator``; per-step means over steps 2..N."""
+    from rlfw.assets import load_tokenizer
+    from rlfw.recipe import load_datasets, parse_args
+    from rlfw.trainer import RLTrainer
+
+    probe_tokens: dict[int, int] = {}  # by step (1-based)
+
+    class CountingTrainer(RLTrainer):
+        def _probe_logprobs(self, input_ids, attention_mask, logits_to_keep):
+            step = self.state.global_step + 1
+            probe_tokens[step] = probe_tokens.get(step, 0) + int(attention_mask.sum())
+            return super()._probe_logprobs(input_ids, attention_mask, logits_to_keep)
+
+    argv = ["--config", str(PROBE_CONFIG), "--output_dir", str(workdir / estimator), "--model_name_or_path", model,
+            "--advantage_estimator", estimator, "--max_steps", str(steps)]
+    for key, value in PROBE_OVERRIDES.items():
+        argv += [f"--{key}", str(value)]
+    script_args, config, _ = parse_args(argv)
+    train_dataset, _ = load_datasets(script_args)
+    trainer = CountingTrainer(model=model, args=config, train_dataset=train_dataset,
+                              processing_class=load_tokenizer(model))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "step_time" in entry]
+    for previous, entry in zip(logs, logs[1:], strict=False):  # num_tokens counts from the start of training
+        entry["train_tokens"] = entry["num_tokens"] - previous["num_tokens"]
+        entry["probe_tokens"] = probe_tokens.get(entry["step"], 0)
+    logs = logs[1:]  # step 1 warms up
+
+    def mean(key: str) -> float:
+        values = [entry[key] for entry in logs if key in entry]
+        return statistics.fmean(values) if values else 0.0
+
+    return {"step_seconds": mean("step_time"), "probe_seconds": mean("advantages/igpo/probe_seconds"),
+            "turns": mean("turns/mean"), "probe_tokens": mean("probe_tokens"), "train_tokens": mean("train_tokens")}
+
+
+def probe_cost(steps: int, sft_examples: int, sft_epochs: float) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model = warm_started_model(workdir, sft_examples, sft_epochs)
+        grpo = probe_run(model, "grpo", steps, workdir)
+        igpo = probe_run(model, "igpo", steps, workdir)
+    lines = [
+        "| run | s/step | probe s/step | probe share of the step | probe s / grpo s/step | turns/episode | "
+        "probe tokens/step | training tokens/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| grpo | {grpo['step_seconds']:.3f} | - | - | - | {grpo['turns']:.2f} | - | {grpo['train_tokens']:.0f} |",
+        f"| igpo | {igpo['step_seconds']:.3f} | {igpo['probe_seconds']:.3f} | "
+        f"{igpo['probe_seconds'] / igpo['step_seconds']:.1%} | {igpo['probe_seconds'] / grpo['step_seconds']:.1%} | "
+        f"{igpo['turns']:.2f} | {igpo['probe_tokens']:.0f} | {igpo['train_tokens']:.0f} |",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the estimator timing")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--probe-steps", type=int, default=8, help="training steps per probe run; 0 skips part 2")
+    parser.add_argument("--sft-examples", type=int, default=2000, help="search_qa traces of the warm start (0: none)")
+    parser.add_argument("--sft-epochs", type=float, default=2.0)
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
     args = parser.parse_args()
-    result = table(run(args.device, args.repeats))
-    print(result)
+    torch.set_num_threads(1)
+    compute = table(run(args.device, args.repeats))
+    print(compute)
     if not args.no_write:
-        hardware = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-        threads = os.environ.get("OMP_NUM_THREADS")
-        command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python " + shlex.join(sys.argv)
-        today = datetime.date.today().isoformat()
-        append_to_doc(
-            f"### {today}: `{command}`\n\n"
-            f"Device {args.device} ({hardware}), torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-            f"median of {args.repeats} repeats; 4096 completions (median: 4095, G=9), G=8, K={NUM_TURNS}.\n\n{result}"
-        )
+        append_result(
+            "Estimator compute time", "Produced by `bench/estimators.py`; newest results last.",
+            f"{machine()}; device {args.device}, median of {args.repeats} repeats; 4096 completions (median: 4095, "
+            f"G=9), G=8, K={NUM_TURNS}.\n\n{compute}")
+    if args.probe_steps <= 0:
+        return
+    probes = probe_cost(args.probe_steps, args.sft_examples, args.sft_epochs)
+    print(probes)
+    if not args.no_write:
+        append_result(
+            "IGPO answer-probe cost",
+            "Produced by `bench/estimators.py`; newest results last. IGPO's probes are extra no-grad forward passes "
+            "over every (rollout, round) prefix plus the answer; this compares them with a whole GRPO training step "
+            "(generation, tools, loss, optimizer) on the same config.",
+            f"{machine()}; configs/search_qa/igpo.yaml with {PROBE_OVERRIDES['per_device_train_batch_size']} "
+            f"completions per step (G={PROBE_OVERRIDES['num_generations']}), max_completion_length 160, max_turns 4; "
+            f"tiny local model after SFT on {args.sft_examples} search_qa traces x {args.sft_epochs:g} epochs; "
+            f"means over steps 2-{args.probe_steps}.\n\n{probes}")
 
 
 if __name__ == "__main__":

@@ -27,17 +27,16 @@ from envs.episode import (
     tool_call_message,
     traces_dataset,
 )
+from rlfw.tools.execution import ToolExecutor
+from rlfw.tools.parsers import ToolCall
 
 TOOL_SUCCESS_REWARD = 0.1
 MAX_EXPONENT = 64
 MAX_ABS_VALUE = 10**30
 MAX_EXPRESSION_CHARS = 200
 
-SYSTEM_PROMPT = (
-    "You solve arithmetic word problems. You have one tool, calculate(expression), which evaluates an arithmetic "
-    "expression with numbers, + - * / // % ** and parentheses. Call it with the expression that answers the "
-    "question, then give the final answer as <answer>NUMBER</answer>."
-)
+# Short on purpose: with the small local tokenizer every prompt token costs training time on CPU.
+SYSTEM_PROMPT = "Compute the answer with the calculate tool, then reply <answer>NUMBER</answer>."
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -154,10 +153,15 @@ def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int) -> list
 
 
 def _question(problem: dict[str, Any], style: str) -> str:
-    """The user's question: the word problem, or (style "expression") the bare expression to compute."""
+    """The user's question: the word problem, or (style "expression") the quoted expression to compute.
+
+    The expression is quoted so that it tokenizes exactly as inside the tool call's JSON string: a number after a
+    space ("Compute 13") and after a quote ('"13') can split into different tokens, which a small model cannot
+    learn to copy reliably.
+    """
     if style not in ("word", "expression"):
         raise ValueError(f"style={style!r} is not valid; use 'word' or 'expression'")
-    return problem["question"] if style == "word" else f"Compute {problem['expression']}."
+    return problem["question"] if style == "word" else f'Compute "{problem["expression"]}".'
 
 
 def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
@@ -175,19 +179,37 @@ def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1,
 
 
 def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
-                     style: str = "word", direct_fraction: float = 0.0) -> Dataset:
-    """Ideal conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
+                     style: str = "word", direct_fraction: float = 0.0, bad_call_fraction: float = 0.0) -> Dataset:
+    """Conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
 
     Returned as TRL's conversational prompt-completion format: columns prompt (system, user) and completion.
-    ``direct_fraction`` of the traces answer at once without the tool (a policy RL can improve on: direct answers
-    are right only for memorised questions).
+    Two options make an imperfect demonstrator, a policy RL can improve on:
+
+    - ``direct_fraction`` of the traces answer at once without the tool (right only for memorised questions);
+    - ``bad_call_fraction`` of the remaining traces call the tool with a wrong argument name (``expr``), get the
+      error observation, and then answer without a result.
     """
+    for name, value in (("direct_fraction", direct_fraction), ("bad_call_fraction", bad_call_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1]")
     traces = []
     rng = random.Random(f"calculator-traces-{seed}")
+    direct_answer = {"role": "assistant", "content": ""}
+    executor = ToolExecutor()
     for p in _problems(n, seed, split, min_ops, max_ops):
+        guess = {**direct_answer, "content": ANSWER_FORMAT.format(p["answer"])}
         if rng.random() < direct_fraction:
-            traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)),
-                           {"role": "assistant", "content": ANSWER_FORMAT.format(p["answer"])}])
+            traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)), guess])
+            continue
+        if rng.random() < bad_call_fraction:
+            bad_call = ToolCall("calculate", {"expr": p["expression"]})
+            observation = executor.run([({"calculate": CalculatorEnv().calculate}, bad_call)])[0].observation
+            traces.append([
+                *conversation(SYSTEM_PROMPT, _question(p, style)),
+                tool_call_message("calculate", bad_call.arguments),
+                {"role": "tool", "name": "calculate", "content": observation},  # exactly what the engine shows
+                guess,
+            ])
             continue
         traces.append([
             *conversation(SYSTEM_PROMPT, _question(p, style)),
@@ -195,7 +217,7 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
             {"role": "tool", "name": "calculate", "content": format_number(evaluate(p["expression"]))},
             {"role": "assistant", "content": ANSWER_FORMAT.format(p["answer"])},
         ])
-    return traces_dataset(traces)
+    return traces_dataset(traces, ENVIRONMENT)
 
 
 def score_final(final_text: str, gold: str) -> float:

@@ -15,12 +15,14 @@ is the reward (pass no correctness reward function); under plain TRL pass ``rewa
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset
+from transformers.utils import get_json_schema
 
-from rlfw.environment import BaseEnvironment
+from rlfw.environment import BaseEnvironment, environment_tools
 from rlfw.rewards import ANSWER_RE, extract_answer  # noqa: F401 - re-exported for the environments
 
 ANSWER_FORMAT = "<answer>{}</answer>"
@@ -66,14 +68,26 @@ def conversation(system: str, user: str) -> list[dict[str, str]]:
 
 
 def tool_call_message(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """An assistant message that calls one tool, in the chat-template format TRL and transformers use."""
+    """An assistant message that calls one tool, in the chat-template format TRL and transformers use.
+
+    The arguments are a JSON string (templates render it as is): as a dict, ``datasets`` would merge the argument
+    names of all rows into one schema and render absent ones as ``null``.
+    """
     return {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
 
 
-def traces_dataset(traces: list[list[dict[str, Any]]]) -> Dataset:
-    """Conversations (system, user, then the ideal turns) as TRL's conversational prompt-completion SFT format."""
-    return Dataset.from_list([{"prompt": trace[:2], "completion": trace[2:]} for trace in traces])
+def traces_dataset(traces: list[list[dict[str, Any]]], environment: type | None = None) -> Dataset:
+    """Conversations (system, user, then the ideal turns) as TRL's conversational prompt-completion SFT format.
+
+    With ``environment``, a ``tools`` column holds its tool schemas (JSON), so SFT renders the prompt exactly as the
+    rollout engine does (templates that list the tools in the prompt would otherwise differ between SFT and RL).
+    """
+    rows = [{"prompt": trace[:2], "completion": trace[2:]} for trace in traces]
+    if environment is not None:
+        tools = json.dumps([get_json_schema(fn) for fn in environment_tools(environment()).values()])
+        rows = [{**row, "tools": tools} for row in rows]
+    return Dataset.from_list(rows)
 
 
 def reward_function(name: str, score: Callable[[str, dict[str, Any]], float]) -> Callable[..., list[float | None]]:

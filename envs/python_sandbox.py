@@ -132,7 +132,7 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train") -> Dataset:
             {"role": "tool", "name": "run_python", "content": format_result(run_code(program, TOOL_LIMITS))},
             {"role": "assistant", "content": ANSWER_FORMAT.format(t["solution"])},
         ])
-    return traces_dataset(traces)
+    return traces_dataset(traces, ENVIRONMENT)
 
 
 class PythonSandboxEnv(EpisodeEnvironment):

@@ -132,7 +132,7 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", corpus_seed: i
             messages.append({"role": "tool", "name": "search", "content": format_results(index, doc_ids)})
         messages.append({"role": "assistant", "content": ANSWER_FORMAT.format(q["answer"])})
         traces.append(messages)
-    return traces_dataset(traces)
+    return traces_dataset(traces, ENVIRONMENT)
 
 
 class SearchQAEnv(EpisodeEnvironment):

@@ -67,6 +67,12 @@ class RLConfig(GRPOConfig):
         self._check_rollout()
         if self.reward_errors not in ("raise", "nan"):
             raise ValueError(f"reward_errors={self.reward_errors!r} is not valid; use 'raise' or 'nan'.")
+        if self.enable_jit_checkpoint:
+            raise ValueError(
+                "enable_jit_checkpoint=True is not supported: rlfw handles SIGTERM itself (it finishes the current "
+                "step, saves a checkpoint on every process and exits 0; see rlfw.preemption), whereas transformers' "
+                "JIT checkpoint saves mid-step. Remove enable_jit_checkpoint."
+            )
 
     def _apply_device_defaults(self) -> None:
         import torch

@@ -1,9 +1,11 @@
-"""What ``recipes/train.py`` runs: parse the config, load model/tokenizer/data/rewards, train, save.
+"""What ``recipes/train.py`` runs: parse the config, load tokenizer/data/rewards, build RLTrainer (which loads the
+model only after its start-up checks), train (resuming if asked), save.
 
     accelerate launch recipes/train.py --config configs/quickstart.yaml [--key value ...]
 
 The YAML is one flat mapping over ScriptArguments, RLConfig and TRL's ModelConfig; command-line flags override
-it; a key that none of them knows is an error.
+it; a key that none of them knows is an error. A run stopped by SIGTERM exits normally after its checkpoint
+(rlfw.preemption), without the final save.
 """
 
 from __future__ import annotations
@@ -44,12 +46,40 @@ class ScriptArguments:
 
 
 def parse_args(argv: list[str] | None = None):
-    """(ScriptArguments, RLConfig, ModelConfig) from ``--config file.yaml`` plus command-line overrides."""
+    """(ScriptArguments, RLConfig, ModelConfig) from ``--config file.yaml`` plus command-line overrides.
+
+    A YAML key or flag that none of the three dataclasses knows is an error (with the closest known names).
+    """
     from trl import ModelConfig, TrlParser
 
     parser = TrlParser((ScriptArguments, RLConfig, ModelConfig))
-    script_args, config, model_args = parser.parse_args_and_config(args=argv)
+    parser.error = _bad_value  # a ValueError naming the key, instead of argparse's usage dump and exit
+    parser.allow_abbrev = False  # `--learning_r 1e-6` is a typo, not a way to spell learning_rate
+    *parsed, from_file, from_command_line = parser.parse_args_and_config(
+        args=argv, return_remaining_strings=True, separate_remaining_strings=True)
+    flags = [(item, "config file") for item in from_file[::2]]  # from_file: ["--key", "value", ...]
+    flags += [(item, "command line") for item in from_command_line if item.startswith("-")]
+    if flags or from_command_line:
+        known = [action.dest for action in parser._actions if action.dest != "help"]
+        raise ValueError(_unknown_keys_message(flags or [(" ".join(from_command_line), "command line")], known))
+    script_args, config, model_args = parsed
     return script_args, config, model_args
+
+
+def _bad_value(message: str):
+    raise ValueError(f"Invalid config: {message.rstrip('.')}. Fix the value in the YAML file or on the command line.")
+
+
+def _unknown_keys_message(unknown: list[tuple[str, str]], known: list[str]) -> str:
+    import difflib
+
+    parts = []
+    for key, where in unknown:
+        key = key.lstrip("-")
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"{key!r} ({where}" + (f"; did you mean {close[0]!r}?)" if close else ")"))
+    return ("Unknown config key(s): " + ", ".join(parts) + ". Every key must be a field of ScriptArguments, "
+            "RLConfig (GRPOConfig) or ModelConfig; see the README's config reference. Fix or remove it.")
 
 
 def load_datasets(args: ScriptArguments):
@@ -89,8 +119,8 @@ def dataset_kwargs(args: ScriptArguments) -> dict:
     return dict(value or {})
 
 
-def load_model_and_tokenizer(model_args, config: RLConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_args):
+    from transformers import AutoTokenizer
 
     path = model_args.model_name_or_path
     if path is None:
@@ -100,41 +130,67 @@ def load_model_and_tokenizer(model_args, config: RLConfig):
     if tokenizer.chat_template is None:
         raise ValueError(f"The tokenizer of {path!r} has no chat template; rlfw trains on conversational prompts. "
                          "Set tokenizer.chat_template (and save it) or use an instruct/chat model.")
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=model_args.model_revision, dtype=dtype)
-    return model, tokenizer
+    return tokenizer
+
+
+def model_init_kwargs(model_args, config: RLConfig) -> dict:
+    """How TRL loads the model from ``model_name_or_path`` (ModelConfig's settings; the YAML's model_init_kwargs win).
+
+    RLTrainer is given the path, not a loaded model, so its start-up checks run before any model loads.
+    """
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return {**kwargs, **(config.model_init_kwargs or {})}
+
+
+def resume_checkpoint(value, output_dir: str) -> str | None:
+    """The checkpoint ``resume_from_checkpoint`` names: true/latest = the newest complete one (None: start fresh)."""
+    from rlfw import checkpoint
+
+    if value is None or value is False or str(value).lower() in ("", "false", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "latest"):
+        found = checkpoint.latest_checkpoint(output_dir)
+        if found is None:
+            logger.warning("resume_from_checkpoint=true but %s has no complete checkpoint yet: starting fresh.",
+                           output_dir)
+        return found
+    reason = checkpoint.incomplete_reason(value)
+    if reason is not None:
+        raise ValueError(f"resume_from_checkpoint={value!r} cannot be resumed from: {reason}. Set "
+                         "resume_from_checkpoint: true to pick the newest complete checkpoint in output_dir.")
+    return str(value)
 
 
 def main(argv: list[str] | None = None):
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
     from rlfw.trainer import RLTrainer
 
     script_args, config, model_args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    resume = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     train_dataset, eval_dataset = load_datasets(script_args)
     reward_funcs = [load_reward_func(name) for name in script_args.reward_funcs]
     if not reward_funcs and not config.environment:
         raise ValueError("No reward: set reward_funcs (e.g. [exact_match] or 'my_pkg.rewards:score'), or an "
                          "environment whose get_reward() scores episodes.")
-    model, tokenizer = load_model_and_tokenizer(model_args, config)
+    tokenizer = load_tokenizer(model_args)
+    config.model_init_kwargs = model_init_kwargs(model_args, config)
     trainer = RLTrainer(
-        model=model,
+        model=model_args.model_name_or_path,  # loaded by TRL after RLTrainer's start-up checks
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
     )
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
-    if resume is True and get_last_checkpoint(config.output_dir) is None:
-        logger.warning("resume_from_checkpoint=true but %s has no checkpoint yet: starting fresh.", config.output_dir)
-        resume = None
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.preempted:  # a checkpoint was saved; the final model is for a finished run only
+        return trainer
     trainer.save_model(config.output_dir)
     trainer.save_state()  # trainer_state.json with the full log history
     return trainer

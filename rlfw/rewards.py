@@ -133,38 +133,55 @@ def _contain(func: Callable, mode: str) -> Callable:
     @functools.wraps(func)
     def wrapped(prompts=None, completions=None, completion_ids=None, **kwargs):
         n = len(completions)
-        try:
-            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-            values = list(values)
-            if len(values) != n:
-                raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} "
-                                          "completions; return exactly one value (or None) per completion.")
-            bad = [i for i, v in enumerate(values) if v is not None and math.isinf(float(v))]
-            if bad:
-                raise RewardFunctionError(f"reward function {name!r} returned {values[bad[0]]} for sample {bad[0]} "
-                                          "(infinite rewards would poison the baseline); return a finite value or None.")
-        except Exception as err:  # noqa: BLE001 - every failure is reported with its sample
-            values, failing = _score_one_by_one(func, n, prompts, completions, completion_ids, kwargs)
-            if mode == "raise":
-                raise _describe(name, err, failing, completions) from err
-            if "log_metric" in kwargs:
-                kwargs["log_metric"](f"rewards/{name}/errors", float(len(failing)))
+        batch = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **kwargs}
+        # Episodes whose environment reset raised were never played (rlfw.rollout): no reward function sees them.
+        played = [i for i, error in enumerate(kwargs.get("reset_error") or [None] * n) if error is None]
+        values: list = [None] * n
+        failing: list[int] = []
+        if played:
+            part = batch if len(played) == n else _select(batch, played, n)
+            try:
+                scored = _checked_call(func, name, part, played)
+            except Exception as err:  # noqa: BLE001 - every failure is reported with its sample
+                scored, failed = _score_one_by_one(func, part, len(played))
+                failing = [played[i] for i in failed]
+                if mode == "raise":
+                    raise _describe(name, err, failing, completions) from err
+            for i, value in zip(played, scored, strict=True):
+                values[i] = value
+        if mode == "nan" and "log_metric" in kwargs:  # logged every batch, so the curve shows 0 when all went well
+            kwargs["log_metric"](f"rewards/{name}/errors", float(len(failing)))
         return values
 
     return wrapped
 
 
-def _score_one_by_one(func, n, prompts, completions, completion_ids, kwargs) -> tuple[list, list[int]]:
+def _select(batch: dict, rows: list[int], n: int) -> dict:
+    """The per-sample lists of ``batch`` (length n) restricted to ``rows``; other arguments unchanged."""
+    return {k: ([v[i] for i in rows] if isinstance(v, list) and len(v) == n else v) for k, v in batch.items()}
+
+
+def _checked_call(func: Callable, name: str, batch: dict, index: list[int]) -> list:
+    """``func(**batch)`` as a list, checked: one value per sample, none infinite (``index``: batch sample numbers)."""
+    values = list(func(**batch))
+    n = len(batch["completions"])
+    if len(values) != n:
+        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} "
+                                  "completions; return exactly one value (or None) per completion.")
+    bad = [i for i, v in enumerate(values) if v is not None and math.isinf(float(v))]
+    if bad:
+        raise RewardFunctionError(f"reward function {name!r} returned {values[bad[0]]} for sample {index[bad[0]]} "
+                                  "(infinite rewards would poison the baseline); return a finite value or None.")
+    return values
+
+
+def _score_one_by_one(func: Callable, batch: dict, n: int) -> tuple[list, list[int]]:
     """Call ``func`` one sample at a time: (values with None where it failed, indices of the failing samples)."""
     values, failing = [], []
     for i in range(n):
-        one = {k: ([v[i]] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
         try:
-            out = list(func(prompts=[prompts[i]] if prompts else prompts, completions=[completions[i]],
-                            completion_ids=[completion_ids[i]] if completion_ids else completion_ids, **one))
-            if len(out) != 1 or (out[0] is not None and math.isinf(float(out[0]))):
-                raise ValueError("bad value")
-            values.append(out[0])
+            (value,) = _checked_call(func, "", _select(batch, [i], n), [i])
+            values.append(value)
         except Exception:  # noqa: BLE001
             values.append(None)
             failing.append(i)

@@ -7,24 +7,28 @@ It overrides only named TRL hooks (pinned by tests/test_trl_hooks.py) and keeps 
   the estimator, map (N,) or (N, K) advantages to this process's rows and policy tokens, apply ``keep``.
 - ``_get_per_token_logps_and_entropies`` / ``_compute_loss``: capture TRL's own entropies and add loss-level
   estimator terms (EPO); keep loss normalisers consistent when rows are dropped.
-- ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: rlfw's state (estimator state) in every checkpoint.
+- ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: rlfw's state (estimator state) in every checkpoint;
+  checkpoints appear atomically (``_get_output_dir`` points transformers at a staging directory while it writes).
+- ``train``: SIGTERM finishes the step, saves a checkpoint and stops (rlfw.preemption).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
-from rlfw import checkpoint
+from rlfw import checkpoint, preflight, probes
 from rlfw.advantages import AdvantageBatch, AdvantageOutput, Estimator, build_estimator
 from rlfw.advantages.base import OPTIONAL_FIELDS
 from rlfw.config import RLConfig
 from rlfw.environment import resolve_environment
+from rlfw.preemption import PreemptionCallback
 from rlfw.rewards import contain_reward_errors, environment_reward
 
 logger = logging.getLogger(__name__)
@@ -34,7 +38,8 @@ ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 # Batch fields each rollout kind can supply.
 # Single-turn generation makes no tool calls, so it cannot supply num_tool_calls (stratified would be degenerate).
 SINGLE_TURN_FIELDS = frozenset({"num_turns", "truncated"})
-MULTI_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls", "turn_rewards"})
+# answer_logprobs: IGPO's answer probes (rlfw.probes), which need round boundaries and the dataset's answer column.
+MULTI_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls", "turn_rewards", "answer_logprobs"})
 
 
 class RLTrainer(GRPOTrainer):
@@ -46,6 +51,8 @@ class RLTrainer(GRPOTrainer):
             class named by ``args.environment``; None with no ``args.environment`` means single-turn generation.
         Other arguments are GRPOTrainer's.
     """
+
+    _staging_dir: str | None = None  # set while a checkpoint is being written (see _save_checkpoint)
 
     def __init__(self, model, reward_funcs=None, args: RLConfig | None = None, *, estimator: Estimator | None = None,
                  environment_factory=None, **kwargs: Any):
@@ -72,26 +79,36 @@ class RLTrainer(GRPOTrainer):
             )
             if hasattr(env_cls, "get_reward"):
                 reward_funcs.append(environment_reward(env_cls))
+        preflight.check_inputs(reward_funcs, kwargs.get("train_dataset"), kwargs.get("processing_class"),
+                               multi_turn=env_cls is not None)
         reward_funcs = contain_reward_errors(reward_funcs, args.reward_errors)
-        self._check_requires(args, env_cls is not None)
+        self._check_requires(args, env_cls is not None, kwargs.get("train_dataset"))
         # rlfw's engine is the documented way to use TRL's rollout_func hook; its "experimental" notice is noise here.
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self.preemption = PreemptionCallback(self.accelerator)
+        self.add_callback(self.preemption)
 
     # ------------------------------------------------------------------ set-up checks
-    def _check_requires(self, args: RLConfig, multi_turn: bool) -> None:
+    def _check_requires(self, args: RLConfig, multi_turn: bool, train_dataset: Any = None) -> None:
         supplied = MULTI_TURN_FIELDS if multi_turn else SINGLE_TURN_FIELDS
         needs = set(getattr(self.estimator, "requires", ()))
         missing = sorted(needs - supplied)
+        name = getattr(self.estimator, "name", type(self.estimator).__name__)
         if missing:
-            name = getattr(self.estimator, "name", type(self.estimator).__name__)
             raise ValueError(
                 f"advantage_estimator {name!r} needs {missing} from the rollout, which "
                 f"{'multi-turn' if multi_turn else 'single-turn'} generation does not supply. "
-                + ("answer_logprobs (IGPO's answer probes) are not computed by this version of RLTrainer; use an "
-                   "outcome or turn-reward estimator (e.g. gated, stratified) meanwhile." if "answer_logprobs" in missing
-                   else "Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
+                + ("Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
                    else "Use an environment that reports per-turn rewards (_turn_reward).")
+            )
+        columns = getattr(train_dataset, "column_names", None)  # None: unknown (iterable dataset), checked per row
+        if "answer_logprobs" in needs and columns is not None and probes.ANSWER_COLUMN not in columns:
+            raise ValueError(
+                f"advantage_estimator {name!r} probes the policy's likelihood of the ground-truth answer, but "
+                f"train_dataset has no {probes.ANSWER_COLUMN!r} column (columns: {sorted(columns)}). Add the "
+                f"reference answer text as an {probes.ANSWER_COLUMN!r} column, or use an estimator that needs no "
+                "ground truth (e.g. stratified, gated)."
             )
         validate = getattr(self.estimator, "validate_config", None)
         if validate is not None:
@@ -100,6 +117,10 @@ class RLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.rollout_func is not None:
+            # An episode whose environment reset raised was never played: unscorable, whatever the functions said.
+            failed = torch.tensor([row.get("reset_error") is not None for row in inputs], device=rewards_per_func.device)
+            rewards_per_func[self.accelerator.gather(failed.long()).bool()] = torch.nan
         self._rewards_per_func = rewards_per_func  # (N, F), gathered over processes by TRL
         return rewards_per_func
 
@@ -111,10 +132,45 @@ class RLTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return output
+        if "answer_logprobs" in getattr(self.estimator, "requires", ()):
+            output["rlfw_answer_logprobs"] = self._answer_probes(inputs, output)
         batch = self._advantage_batch(inputs, output)
         result = self.estimator(batch)
         self._apply_advantages(inputs, output, batch, result)
         return output
+
+    def _answer_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
+        """IGPO's answer_logprobs of this process's rows (see rlfw.probes): current policy, no grad, batched."""
+        start = time.perf_counter()
+        prompt_mask = output["prompt_mask"].bool()
+        prompt_ids = [ids[m].tolist() for ids, m in zip(output["prompt_ids"], prompt_mask, strict=True)]
+        round_prefix_lens = [row["round_prefix_lens"] for row in inputs]
+        rollout_probes = probes.rollout_probes(self._tokenizer, inputs, self.environments)
+        was_training = self.model.training
+        self.model.eval()  # the policy itself: no dropout, and no gradient checkpointing for a no-grad pass
+        try:
+            with torch.no_grad():
+                values = probes.answer_logprobs(
+                    prompt_ids, output["completion_ids"].tolist(), round_prefix_lens, rollout_probes,
+                    self._probe_logprobs, batch_size=self.args.per_device_train_batch_size,
+                    pad_token_id=self._tokenizer.pad_token_id, num_chunks_fn=self._max_over_processes)
+        finally:
+            self.model.train(was_training)
+        name = getattr(self.estimator, "name", type(self.estimator).__name__)
+        self._metrics["train"][f"advantages/{name}/probe_seconds"].append(time.perf_counter() - start)
+        return values
+
+    def _probe_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+                        ) -> torch.Tensor:
+        """Log-probs of the last ``logits_to_keep`` tokens per row through TRL's own forward (fused head, temperature)."""
+        device = self.accelerator.device
+        return self._get_per_token_logps_and_entropies(
+            self.model, input_ids.to(device), attention_mask.to(device), logits_to_keep)[0]  # (B, logits_to_keep)
+
+    def _max_over_processes(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max().item())
 
     def _advantage_batch(self, inputs: list[dict], output: dict) -> AdvantageBatch:
         device = self.accelerator.device
@@ -243,11 +299,45 @@ class RLTrainer(GRPOTrainer):
         self._metrics["train"][f"advantages/{self.estimator.name}/loss_term"].append(term.item())
         return term / self.current_gradient_accumulation_steps  # scaled for accumulation like TRL's own terms
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and preemption
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        with self.preemption.catch_signals():  # SIGTERM: finish the step, save, stop (rlfw.preemption)
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the last ``train()`` stopped early on SIGTERM, after saving a checkpoint."""
+        return self.preemption.preempted
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # transformers/TRL write under a staging directory (see _get_output_dir); the checkpoint is renamed into
+        # place only once every process has written its part, so a crash never leaves a half-written checkpoint-N.
+        run_dir = super()._get_output_dir(trial=trial)
+        staging = checkpoint.staging_dir(run_dir, self.state.global_step)
         if self.args.should_save:
-            checkpoint.save_state(self._checkpoint_dir(trial), self.estimator)
+            checkpoint.prepare_staging(run_dir, self.state.global_step)
+        self.accelerator.wait_for_everyone()  # no process writes before stale staging directories are gone
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        staged = os.path.join(staging, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.dirname(best) == str(staging):  # the best is this step: point at its final name
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, checkpoint.TRAINER_STATE_FILE))
+        if self.args.should_save:
+            checkpoint.save_state(staged, self.estimator)
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are in the staging dir
+        if self.args.should_save:
+            final = checkpoint.publish(staged, run_dir)
+            checkpoint.rotate(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial):
+        # While _save_checkpoint runs, transformers/TRL must write the checkpoint (and TRL's extra files) there.
+        return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint_dir):
         device = self.args.device
@@ -261,6 +351,3 @@ class RLTrainer(GRPOTrainer):
             self.args.__dict__["_setup_devices"] = device
         if checkpoint_dir is not None:
             checkpoint.load_state(checkpoint_dir, self.estimator)
-
-    def _checkpoint_dir(self, trial) -> str:
-        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 
@@ -22,7 +23,7 @@ def play(env: BaseEnvironment, trace: list[dict]) -> list[float | None]:
             continue
         for call in message.get("tool_calls") or []:
             function = call["function"]
-            arguments = {k: v for k, v in function["arguments"].items() if v is not None}
+            arguments = json.loads(function["arguments"])  # a JSON string (see envs.episode.tool_call_message)
             assert tools[function["name"]](**arguments) is not None
         if not message.get("tool_calls"):
             assert env._is_final(message["content"])
@@ -33,7 +34,10 @@ def play(env: BaseEnvironment, trace: list[dict]) -> list[float | None]:
 def conversations(module, n: int, seed: int) -> list[list[dict]]:
     """The synthetic traces as whole conversations (prompt messages followed by the completion messages)."""
     ds = module.synthetic_traces(n, seed=seed)
-    assert ds.column_names == ["prompt", "completion"]
+    assert ds.column_names == ["prompt", "completion", "tools"]
+    # SFT renders the tool list into the prompt exactly as the rollout engine does.
+    names = {tool["function"]["name"] for tool in json.loads(ds[0]["tools"])}
+    assert names == set(environment_tools(module.ENVIRONMENT()))
     return [row["prompt"] + row["completion"] for row in ds]
 
 

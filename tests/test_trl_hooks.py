@@ -22,6 +22,8 @@ PINNED = {
         "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
     "_save_checkpoint": ("self", "model", "trial"),
+    "_get_output_dir": ("self", "trial"),
+    "train": ("self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"),
 }
 
 

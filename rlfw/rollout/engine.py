@@ -12,6 +12,7 @@ plus env tokens, L <= max_completion_length); ``turn_rewards`` and ``round_prefi
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from rlfw.environment import environment_tools
 from rlfw.rollout.backends import Backend
 from rlfw.tools import ParsedTurn, ToolExecutor, detect_parser
 from rlfw.tools.execution import count_outcomes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Episode:
     truncated: bool = False
     done: bool = False
     tool_counts: Counter = field(default_factory=Counter)
+    reset_error: str | None = None  # the environment's reset raised: no turn was played, the episode is unscorable
 
     @property
     def num_turns(self) -> int:
@@ -57,7 +61,7 @@ class Episode:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("prompt_ids", "completion_ids", "logprobs", "env_mask", "turn_ids", "turn_rewards",
-                "round_prefix_lens", "num_tool_calls", "truncated", "messages")
+                "round_prefix_lens", "num_tool_calls", "truncated", "reset_error", "messages")
         return {"num_turns": self.num_turns, **{k: getattr(self, k) for k in keys}}
 
 
@@ -90,12 +94,17 @@ def _with_observation(prompt: Any, observation: str | None) -> list[dict[str, An
 
 
 class RolloutEngine:
-    """Runs batches of multi-turn episodes against a generation ``Backend``."""
+    """Runs batches of multi-turn episodes against a generation ``Backend``.
+
+    ``contain_reset_errors``: a ``reset`` that raises fails only its episode (training); False (default) lets the
+    exception through, for evaluation and debugging.
+    """
 
     def __init__(self, tokenizer: Any, backend: Backend, *, max_turns: int, max_completion_length: int,
                  parser: Any = None, tool_timeout: float = 30.0, max_tool_result_chars: int = 2000,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None,
-                 eos_token_ids: Sequence[int] | None = None, any_active: Callable[[bool], bool] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, any_active: Callable[[bool], bool] | None = None,
+                 contain_reset_errors: bool = False):
         if max_turns < 1 or max_completion_length < 1:
             raise ValueError("max_turns and max_completion_length must be >= 1")
         self.tokenizer, self.backend = tokenizer, backend
@@ -108,6 +117,7 @@ class RolloutEngine:
         self._eos_texts = [t for t in tokenizer.convert_ids_to_tokens(sorted(self.eos_ids)) if t]
         # Multi-process generation backends (vLLM server, ZeRO-3/FSDP) need every rank in every turn.
         self._any_active = any_active or (lambda local: local)
+        self.contain_reset_errors = contain_reset_errors
 
     def render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -138,10 +148,31 @@ class RolloutEngine:
         return full[len(prefix):]
 
     def start(self, row: dict[str, Any], env: Any, prompt: Any = None) -> Episode:
-        """Reset ``env`` with ``row`` and render the prompt once."""
-        observation = env.reset(**row)
-        messages = _with_observation(row["prompt"] if prompt is None else prompt, observation)
+        """Reset ``env`` with ``row`` and render the prompt once.
+
+        With ``contain_reset_errors``, a ``reset`` that raises fails only this episode: one bad dataset row must not
+        stop a training run. The episode gets no turn (a single env-masked EOS, so it trains nothing),
+        ``reset_error`` says why, the reward functions do not see it, it is scored NaN (unscorable) and
+        ``rollout/reset_errors`` counts it.
+        """
+        prompt = row["prompt"] if prompt is None else prompt
         tools = list(environment_tools(env).values()) or None  # `or None`: some templates render tools=[] as tools
+        try:
+            observation = env.reset(**row)
+        except Exception as err:  # noqa: BLE001 - any failure of user code is contained and reported
+            if not self.contain_reset_errors:
+                raise
+            messages = _with_observation(prompt, None)
+            episode = Episode(self.render(messages, add_generation_prompt=True, tools=tools), messages)
+            episode.reset_error = f"{type(err).__name__}: {err}"
+            logger.warning("%s.reset raised %s on the row with prompt %.200r; that episode is scored NaN "
+                           "(rollout/reset_errors). Fix reset() or the row.", type(env).__name__,
+                           episode.reset_error, prompt)
+            episode.extend([self.tokenizer.eos_token_id], None, -1)
+            episode.turn_rewards.append(math.nan)  # one empty turn, so per-turn estimators see a well-formed row
+            episode.finish(truncated=True)
+            return episode
+        messages = _with_observation(prompt, observation)
         return Episode(self.render(messages, add_generation_prompt=True, tools=tools), messages)
 
     def run(self, rows: Sequence[dict[str, Any]], envs: Sequence[Any], prompts: Sequence[Any] | None = None

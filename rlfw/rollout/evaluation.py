@@ -14,18 +14,20 @@ from rlfw.rollout.engine import RolloutEngine
 
 @torch.no_grad()
 def evaluate_episodes(model: Any, tokenizer: Any, dataset: Any, reward_func: Any, environment: str | type,
-                      max_turns: int = 4, max_completion_length: int = 128, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy (mean episode reward from the environment), valid-tool-call rate and turns per episode.
+                      max_turns: int = 4, max_completion_length: int = 128, batch_size: int = 64,
+                      temperature: float = 0.0) -> dict[str, float]:
+    """Accuracy (mean episode reward from the environment), tool-call statistics and turns per episode.
 
     The valid-tool-call rate is the fraction of tool calls that parsed, named a known tool with fitting arguments,
-    and ran without error.
+    and ran without error; the tool-use rate is the fraction of episodes with at least one call. ``temperature`` 0
+    decodes greedily; above 0 it samples (seed torch for repeatable numbers).
     """
     env_cls = resolve_environment(environment) if isinstance(environment, str) else environment
     model.eval()
-    backend = HFBackend(model, tokenizer, temperature=0.0)
+    backend = HFBackend(model, tokenizer, temperature=temperature)
     engine = RolloutEngine(tokenizer, backend, max_turns=max_turns, max_completion_length=max_completion_length,
                            eos_token_ids=backend.eos_ids)
-    rewards, counts, turns = [], Counter(), []
+    rewards, counts, turns, used = [], Counter(), [], 0
     for start in range(0, len(dataset), batch_size):
         rows = [dict(dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
         envs = [env_cls() for _ in rows]
@@ -33,10 +35,12 @@ def evaluate_episodes(model: Any, tokenizer: Any, dataset: Any, reward_func: Any
             rewards.append(float(env.get_reward()))
             counts.update(episode.tool_counts)
             turns.append(episode.num_turns)
+            used += episode.tool_counts["calls"] > 0
     calls = counts["calls"]
     return {
         "accuracy": sum(rewards) / max(len(rewards), 1),
         "valid_tool_call_rate": (calls - counts["failures"]) / calls if calls else 0.0,
+        "tool_use_rate": used / max(len(rewards), 1),
         "tool_calls_per_episode": calls / max(len(rewards), 1),
         "turns_per_episode": sum(turns) / max(len(turns), 1),
         "n": len(rewards),

@@ -12,7 +12,8 @@ from rlfw.rollout.backends import HFBackend, VLLMBackend
 from rlfw.rollout.engine import Episode, RolloutEngine
 from rlfw.tools.execution import METRIC_KEYS
 
-PER_COMPLETION_KEYS = ("turn_ids", "num_turns", "num_tool_calls", "turn_rewards", "truncated", "round_prefix_lens")
+PER_COMPLETION_KEYS = ("turn_ids", "num_turns", "num_tool_calls", "turn_rewards", "truncated", "round_prefix_lens",
+                       "reset_error")
 
 
 def _chat_template(trainer: Any) -> str | None:
@@ -49,7 +50,7 @@ def _build_engine(trainer: Any, backend: str | Callable[[Any], Any], **engine_kw
     return RolloutEngine(
         trainer.processing_class, generator, max_completion_length=trainer.max_completion_length,
         chat_template=_chat_template(trainer), chat_template_kwargs=getattr(trainer, "chat_template_kwargs", None),
-        eos_token_ids=trainer.eos_token_ids, any_active=any_active, **engine_kwargs,
+        eos_token_ids=trainer.eos_token_ids, any_active=any_active, contain_reset_errors=True, **engine_kwargs,
     )
 
 
@@ -62,6 +63,7 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     sums["episodes"] = float(len(episodes))
     sums["turns"] = float(sum(ep.num_turns for ep in episodes))
     sums["truncated"] = float(sum(ep.truncated for ep in episodes))
+    sums["reset_errors"] = float(sum(ep.reset_error is not None for ep in episodes))
     sums["env_tokens"] = float(sum(len(ep.env_mask) - sum(ep.env_mask) for ep in episodes))
     return sums
 
@@ -84,6 +86,7 @@ def log_metrics(trainer: Any, episodes: list[Episode]) -> None:
     store["turns/mean"].append(total["turns"] / n)
     store["turns/max"].append(float(max_turns))
     store["rollout/truncated_frac"].append(total["truncated"] / n)
+    store["rollout/reset_errors"].append(total["reset_errors"])
     store["rollout/env_tokens_per_episode"].append(total["env_tokens"] / n)
 
 
@@ -100,7 +103,8 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
     - ``prompt_ids``, ``completion_ids`` (sampled + env ids), ``logprobs`` (0.0 on env tokens), ``env_mask``
       (1 policy token, 0 env token), ``turn_ids`` (turn index of each policy token, -1 on env tokens)
     - ``num_turns``, ``num_tool_calls``, ``turn_rewards`` (one per turn, NaN = none), ``truncated`` (no final
-      answer), ``round_prefix_lens`` (completion length at the start of each turn; first is 0)
+      answer), ``round_prefix_lens`` (completion length at the start of each turn; first is 0), ``reset_error``
+      (None, or why the environment's reset raised: that episode is unscorable)
 
     ``backend``: "hf" (transformers generate), "vllm" (the trainer's vLLM) or a factory ``trainer -> Backend``.
     """

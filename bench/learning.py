@@ -1,0 +1,619 @@
+"""Do the estimators do, on our environments and a tiny local model, what their papers claim? Seeds, mean ± std.
+
+    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,stratified,igpo,gated,epo,riskpo,all}
+        [--seeds 3] [--steps N] [--workers 2] [--quick] [--no-write]
+
+Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/) teaches a locally
+built model the tool and answer formats from an *imperfect* demonstrator (``WARM_STARTS``), so RL has something to
+improve. Then every method x seed trains with RLTrainer from that checkpoint (same data, same prompts per step;
+seed s = ``RLConfig.seed``, which drives sampling and data order) and is evaluated on held-out prompts every
+``eval_every`` steps with greedy decoding through the rollout engine (and, where the claim is about it, pass@1 /
+pass@k from k sampled episodes at temperature 1). A wrapper around the estimator records what the method itself
+acts on (tie rate, zero-advantage rate, tool calls, immediate vs outcome reward, ...) for every training step.
+
+Prints and appends to docs/benchmarks.md, per comparison: a table (mean ± std over seeds of the held-out metrics at
+the first and last evaluation, steps to a threshold, the method's own metric), docs/img/learning_<name>.png, and a
+"what happened" paragraph computed from the numbers. Raw curves: outputs/bench/learning/<name>.json.
+``--quick`` is a smoke test (tiny warm start, a few steps, 2 seeds, nothing appended to the docs).
+Jobs run in ``--workers`` processes (default: one per CPU core, one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+
+import _common
+from _common import mean_std, pm
+
+OUT = _common.ROOT / "outputs" / "bench"
+
+
+# ------------------------------------------------------------------------------------------------ what is compared
+@dataclass(frozen=True)
+class WarmStart:
+    """An environment's task settings and its imperfect SFT demonstrator."""
+
+    env: str  # module under envs/
+    dataset_kwargs: dict = field(default_factory=dict)  # build_dataset options (train and test)
+    trace_kwargs: dict = field(default_factory=dict)  # synthetic_traces options
+    degrade: str | None = None  # "direct": answer without tools; "early": answer after the first tool result
+    degrade_fraction: float = 0.0
+    examples: int = 4000
+    epochs: float = 4.0
+    learning_rate: float = 3e-3
+    max_length: int = 256  # SFT sequence limit: must hold a whole trace (prompt + completion)
+    max_turns: int = 3
+    max_completion_length: int = 64
+    preset: str = "small"
+
+
+WARM_STARTS = {
+    "calculator": WarmStart(
+        "calculator", dataset_kwargs={"style": "expression", "max_ops": 2},
+        trace_kwargs={"style": "expression", "max_ops": 2, "direct_fraction": 0.2, "bad_call_fraction": 0.2},
+        learning_rate=2e-3, max_turns=3, max_completion_length=48),
+    "search_qa": WarmStart(
+        "search_qa", degrade="early", degrade_fraction=0.4, examples=3000, epochs=4.0, max_length=1024,
+        max_turns=4, max_completion_length=640),
+    "python_sandbox": WarmStart(
+        "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=2000, epochs=6.0, max_length=512,
+        max_turns=4, max_completion_length=400),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    estimator: str
+    kwargs: dict = field(default_factory=dict)
+    num_generations: int = 8
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    env: str
+    claim: str  # the paper's claim, as the research notes state it
+    methods: tuple[Method, ...]
+    own_metrics: tuple[tuple[str, str], ...]  # (recorded key, label) plotted against training steps
+    steps: int = 100
+    prompts_per_step: int = 4
+    eval_every: int = 10
+    eval_size: int = 100
+    learning_rate: float = 5e-5
+    pass_k: int = 0  # > 0: also pass@1 / pass@k from k sampled episodes per held-out prompt
+    min_hops: int = 0  # search_qa: keep only questions with at least this many hops
+
+
+def config_kwargs(path: str) -> dict:
+    """advantage_kwargs of a run config in configs/ (the bench runs each method as the project configures it)."""
+    import yaml
+
+    return dict(yaml.safe_load((_common.ROOT / path).read_text()).get("advantage_kwargs") or {})
+
+
+def comparisons() -> dict[str, Comparison]:
+    grpo = Method("grpo", "grpo")
+    return {c.name: c for c in (
+        Comparison(
+            "median", "calculator",
+            "MC-GRPO: with few rollouts per prompt a median baseline (n = G+1, pivot dropped) avoids the mean "
+            "baseline's sign errors, so n=3 learns like a larger group (arXiv 2601.22582)",
+            (Method("median n=3", "median", config_kwargs("configs/calculator/median.yaml"), 3),
+             Method("grpo G=2", "grpo", {}, 2), Method("grpo G=8", "grpo", {}, 8)),
+            (("reward", "train reward"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups"))),
+        Comparison(
+            "stratified", "search_qa",
+            "Stratified GRPO: normalising within strata of equal search count removes cross-stratum bias and "
+            "improves search agents (arXiv 2510.06214)",
+            (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
+            (("tool_calls", "searches per episode"), ("est/singleton_strata_frac", "singleton strata"),
+             ("reward", "train reward (F1)"))),
+        Comparison(
+            "igpo", "search_qa",
+            "IGPO: turn-level information gain gives signal when a group's outcomes tie, improving multi-hop "
+            "search (arXiv 2510.14967)",
+            (Method("igpo", "igpo", config_kwargs("configs/search_qa/igpo.yaml")), replace(grpo, label="grpo (outcome only)")),
+            (("tie_rate", "tied groups"), ("tool_calls", "searches per episode"), ("reward", "train reward (F1)")),
+            min_hops=2),
+        Comparison(
+            "gated", "python_sandbox",
+            "G-RA: adding immediate rewards directly (D-RA) lets them grow while the outcome falls; gating them on "
+            "the outcome keeps the outcome improving (arXiv 2508.10548)",
+            (Method("gated (G-RA)", "gated", config_kwargs("configs/python_sandbox/gated.yaml")),
+             Method("direct (D-RA)", "gated", {**config_kwargs("configs/python_sandbox/gated.yaml"),
+                                               "threshold": float("-inf")}),
+             Method("grpo (outcome only)", "grpo")),
+            (("turn_reward_sum", "immediate reward per episode"), ("reward", "outcome (tests passed)"),
+             ("tool_calls", "run_python calls per episode")),
+            steps=80, eval_size=9),
+        Comparison(
+            "epo", "calculator",
+            "EPO: entropy regularisation with a smoothed history keeps entropy from collapsing or exploding over "
+            "long horizons and improves success (arXiv 2509.22576)",
+            (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")), grpo),
+            (("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
+            steps=200, eval_every=20),
+        Comparison(
+            "riskpo", "calculator",
+            "RiskPO: optimising a mixed VaR of bundled scores instead of the mean keeps exploring, raising "
+            "pass@k (and pass@1) over GRPO (arXiv 2510.00911)",
+            (Method("riskpo", "riskpo", config_kwargs("configs/calculator/riskpo.yaml")), grpo),
+            (("est/mvar", "bundle MVaR (riskpo)"), ("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
+            prompts_per_step=5, pass_k=8, eval_size=60),
+    )}
+
+
+# ------------------------------------------------------------------------------------------------ warm start
+def warm_key(spec: WarmStart) -> str:
+    """Hash of the settings and of a few of the environment's traces: a changed prompt or trace format retrains."""
+    import importlib
+
+    sample = importlib.import_module(f"envs.{spec.env}").synthetic_traces(8, seed=0, **spec.trace_kwargs)
+    text = json.dumps([asdict(spec), [row["prompt"] + row["completion"] for row in sample]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def traces(spec: WarmStart):
+    """The demonstrator's SFT traces; a seeded fraction degraded per ``spec.degrade``."""
+    import importlib
+    import random
+
+    from datasets import Dataset
+
+    rows = importlib.import_module(f"envs.{spec.env}").synthetic_traces(spec.examples, seed=0, **spec.trace_kwargs)
+    rng = random.Random(f"warm-{spec.env}")
+    out = []
+    for row in rows:
+        completion = row["completion"]
+        calls = sum(1 for m in completion if m["role"] == "tool")
+        if spec.degrade and rng.random() < spec.degrade_fraction:
+            if spec.degrade == "direct":
+                completion = completion[-1:]  # answer straight away
+            elif spec.degrade == "early" and calls >= 2:
+                completion = completion[:2] + completion[-1:]  # answer after the first search result
+        out.append({**row, "completion": completion})  # other columns (tools) are kept
+    return Dataset.from_list(out)
+
+
+def warm_start(spec: WarmStart) -> str:
+    """Path of the SFT checkpoint for ``spec``, trained (once) if missing."""
+    path = OUT / "warm" / f"{spec.env}-{spec.preset}-{warm_key(spec)}"
+    if (path / "done.json").exists():
+        return str(path)
+    _common.set_threads()
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()
+
+    from rlfw.assets import build_assets, load_tokenizer
+
+    start = time.time()
+    base = build_assets(path / "base", seed=0, preset=spec.preset)
+    tokenizer = load_tokenizer(base)
+    config = SFTConfig(
+        output_dir=str(path / "sft"), num_train_epochs=spec.epochs, learning_rate=spec.learning_rate,
+        per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=50,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        dataloader_pin_memory=False, seed=0, max_length=spec.max_length, disable_tqdm=True)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=config, train_dataset=traces(spec),
+                         processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    trainer.save_model(str(path))
+    tokenizer.save_pretrained(str(path))
+    (path / "done.json").write_text(json.dumps({"spec": asdict(spec), "seconds": time.time() - start}, indent=1))
+    print(f"warm start {spec.env}: {time.time() - start:.0f} s -> {path}", flush=True)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ one RL run
+class Recorder:
+    """Wraps an estimator (same name, requires, loss term and state) and records per-step batch statistics."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.steps: list[dict] = []
+
+    def __getattr__(self, name):  # only for attributes Recorder itself lacks: name, requires, loss_term, ...
+        return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, batch):
+        out = self.inner(batch)
+        self.steps.append(batch_stats(batch, out))
+        return out
+
+
+def batch_stats(batch, out) -> dict:
+    """What the estimator saw and did in one generation batch (means over completions or groups)."""
+    import torch
+
+    from rlfw import ops
+
+    r = batch.rewards
+    index, num_groups = ops.group_index(batch.group_ids)
+    adv = out.advantages if out.advantages.dim() == 1 else torch.nan_to_num(out.advantages).abs().sum(1)
+    kept = out.keep.bool()
+    stats = {
+        "reward": float(torch.nanmean(r)),
+        "tie_rate": float(ops.group_all_equal(r, index, num_groups).float().mean()),
+        "zero_adv_frac": float((adv[kept].abs() <= 1e-6).float().mean()),
+    }
+    if batch.num_tool_calls is not None:
+        stats["tool_calls"] = float(batch.num_tool_calls.float().mean())
+    if batch.turn_rewards is not None:
+        stats["turn_reward_sum"] = float(torch.nansum(batch.turn_rewards, dim=1).mean())
+    if batch.truncated is not None:
+        stats["truncated"] = float(batch.truncated.float().mean())
+    stats.update({f"est/{k}": float(v) for k, v in out.metrics.items()})
+    return stats
+
+
+def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature: float = 0.0, samples: int = 1,
+                  seed: int = 0) -> dict:
+    """Held-out episodes through the rollout engine: accuracy (mean reward), tool calls, immediate reward, pass@k."""
+    import torch
+
+    from rlfw.rollout.backends import HFBackend
+    from rlfw.rollout.engine import RolloutEngine
+
+    was_training = model.training
+    model.eval()
+    backend = HFBackend(model, tokenizer, temperature=temperature)
+    engine = RolloutEngine(tokenizer, backend, max_turns=spec.max_turns,
+                           max_completion_length=spec.max_completion_length, eos_token_ids=backend.eos_ids)
+    expanded = [row for row in rows for _ in range(samples)]
+    rewards, calls, immediate = [], [], []
+    with torch.random.fork_rng(), torch.no_grad():  # sampling here must not move the training RNG
+        torch.manual_seed(seed)
+        for start in range(0, len(expanded), 64):
+            chunk = expanded[start:start + 64]
+            envs = [env_cls() for _ in chunk]
+            for env, ep in zip(envs, engine.run(chunk, envs), strict=True):
+                rewards.append(float(env.get_reward()))
+                calls.append(ep.num_tool_calls)
+                immediate.append(sum(x for x in ep.turn_rewards if not math.isnan(x)))
+    model.train(was_training)
+    n = max(len(rewards), 1)
+    out = {"accuracy": sum(rewards) / n, "tool_calls": sum(calls) / n, "immediate": sum(immediate) / n}
+    if samples > 1:
+        best = [max(rewards[i:i + samples]) for i in range(0, len(rewards), samples)]
+        out = {"pass@1 (T=1)": out["accuracy"], f"pass@{samples} (T=1)": sum(best) / len(best)}
+    return out
+
+
+def eval_rows(comp: Comparison, spec: WarmStart, size: int) -> list[dict]:
+    import importlib
+
+    module = importlib.import_module(f"envs.{spec.env}")
+    pool = module.build_dataset(max(size, 1) * 3, seed=0, split="test", **spec.dataset_kwargs)
+    rows, seen = [], set()
+    for row in pool:  # small test pools repeat: greedy decoding would score a repeated prompt identically
+        key = json.dumps(row["prompt"])
+        if row.get("num_hops", 99) >= comp.min_hops and key not in seen:
+            seen.add(key)
+            rows.append(dict(row))
+    return rows[:size]
+
+
+def train_rows(comp: Comparison, spec: WarmStart, size: int = 2000):
+    import importlib
+
+    from datasets import Dataset
+
+    module = importlib.import_module(f"envs.{spec.env}")
+    rows = module.build_dataset(size, seed=0, split="train", **spec.dataset_kwargs)
+    if comp.min_hops:
+        rows = Dataset.from_list([dict(r) for r in rows if r["num_hops"] >= comp.min_hops])
+    return rows
+
+
+def run_job(job: dict) -> dict:
+    """One method x seed: RL from the warm start, evaluated every ``eval_every`` steps. Never raises."""
+    start = time.time()
+    try:
+        return {**job, **_train(job), "seconds": time.time() - start, "error": None}
+    except Exception as exc:  # a failing method is a result to report, not a reason to lose the other runs
+        traceback.print_exc()
+        return {**job, "eval": [], "train": [], "seconds": time.time() - start,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
+def _train(job: dict) -> dict:
+    import importlib
+    import tempfile
+
+    _common.set_threads()
+    from transformers import AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from rlfw import RLConfig, RLTrainer, build_estimator
+
+    comp, spec = comparisons()[job["comparison"]], WARM_STARTS[job["env"]]
+    if job["quick"]:
+        comp, spec = quick_comparison(comp), quick_warm_start(spec)
+    method = next(m for m in comp.methods if m.label == job["method"])
+    steps, eval_every = job["steps"], job["eval_every"]
+    model_path = job["model_path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    env_cls = importlib.import_module(f"envs.{spec.env}").ENVIRONMENT
+    held_out = eval_rows(comp, spec, job["eval_size"])
+
+    def evaluate(model) -> dict:
+        result = episodes_eval(model, tokenizer, held_out, env_cls, spec)
+        if comp.pass_k:
+            result.update(episodes_eval(model, tokenizer, held_out, env_cls, spec, temperature=1.0,
+                                        samples=comp.pass_k, seed=1234))
+        return result
+
+    evals: list[dict] = []
+
+    class Evaluate(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            evals.append({"step": 0, **evaluate(model)})
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % eval_every == 0 or state.global_step == steps:
+                evals.append({"step": state.global_step, **evaluate(model)})
+
+    estimator = Recorder(build_estimator(method.estimator, **method.kwargs))
+    config = RLConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-learning-"), advantage_estimator=method.estimator,
+        advantage_kwargs=dict(method.kwargs), environment=f"envs.{spec.env}", max_turns=spec.max_turns,
+        num_generations=method.num_generations, per_device_train_batch_size=comp.prompts_per_step * method.num_generations,
+        max_completion_length=spec.max_completion_length, max_steps=steps, learning_rate=comp.learning_rate,
+        lr_scheduler_type="constant", temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no",
+        report_to="none", gradient_checkpointing=False, dataloader_pin_memory=False, disable_tqdm=True,
+        seed=job["seed"])
+    trainer = RLTrainer(model=model_path, args=config, estimator=estimator, train_dataset=train_rows(comp, spec),
+                        processing_class=tokenizer, callbacks=[Evaluate()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    train = []
+    for step, stats in enumerate(estimator.steps, start=1):
+        row = {"step": step, **stats}
+        for key in ("entropy", "completions/mean_length"):
+            if key in logged.get(step, {}):
+                row[key] = logged[step][key]
+        train.append(row)
+    return {"eval": evals, "train": train}
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+def quick_warm_start(spec: WarmStart) -> WarmStart:
+    return replace(spec, examples=300, epochs=1.0, preset="tiny")
+
+
+def quick_comparison(comp: Comparison) -> Comparison:
+    return replace(comp, steps=4, eval_every=2, eval_size=8, prompts_per_step=min(comp.prompts_per_step, 2) if
+                   comp.name != "riskpo" else comp.prompts_per_step, pass_k=min(comp.pass_k, 2))
+
+
+def jobs_for(comp: Comparison, args, model_path: str) -> list[dict]:
+    steps = args.steps or comp.steps
+    eval_every = args.eval_every or comp.eval_every
+    return [{"comparison": comp.name, "env": comp.env, "method": m.label, "seed": seed, "steps": steps,
+             "eval_every": eval_every, "eval_size": args.eval_size or comp.eval_size, "quick": args.quick,
+             "model_path": model_path}
+            for m in comp.methods for seed in range(args.seeds)]
+
+
+def run_all(fn, items: list, workers: int) -> list:
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, items))
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def curves(runs: list[dict], part: str, key: str) -> tuple[list[int], list[list[float]]]:
+    """Steps and, per step, the values of ``key`` over seeds (only steps every run logged)."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run[part]:
+            if key in row:
+                by_step.setdefault(row["step"], []).append(row[key])
+    steps = sorted(s for s, v in by_step.items() if len(v) == len(runs))
+    return steps, [by_step[s] for s in steps]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def headline_keys(comp: Comparison) -> list[str]:
+    keys = ["accuracy"]
+    if comp.pass_k:
+        keys += ["pass@1 (T=1)", f"pass@{comp.pass_k} (T=1)"]
+    if comp.name == "gated":
+        keys += ["immediate"]
+    return keys
+
+
+def threshold_of(comp: Comparison, by_method: dict[str, list[dict]]) -> float | None:
+    """Halfway from the warm start's held-out accuracy to the best final mean accuracy of any method."""
+    start = [r["eval"][0]["accuracy"] for runs in by_method.values() for r in runs if r["eval"]]
+    finals = [statistics.fmean(r["eval"][-1]["accuracy"] for r in runs) for runs in by_method.values()
+              if runs and all(r["eval"] for r in runs)]
+    if not start or not finals or max(finals) <= statistics.fmean(start):
+        return None
+    return statistics.fmean(start) + 0.5 * (max(finals) - statistics.fmean(start))
+
+
+def steps_to(runs: list[dict], threshold: float | None) -> str:
+    if threshold is None:
+        return "n/a (no method improved)"
+    hits = [next((e["step"] for e in r["eval"] if e["accuracy"] >= threshold), None) for r in runs]
+    reached = [h for h in hits if h is not None]
+    text = f"{len(reached)}/{len(runs)} seeds"
+    return text + (f", {pm(reached, 0)}" if reached else "")
+
+
+def report(comp: Comparison, results: list[dict], args) -> tuple[str, str]:
+    """(markdown table + notes, what-happened paragraph)."""
+    by_method = {m.label: [r for r in results if r["method"] == m.label and not r["error"]] for m in comp.methods}
+    errors = {r["method"]: r["error"] for r in results if r["error"]}
+    keys = headline_keys(comp)
+    threshold = threshold_of(comp, by_method)
+    head = (["method", "G (gradient rows)", "completions/step"] + [f"held-out {k}: start → end" for k in keys]
+            + [f"steps to accuracy >= {threshold:.3f}" if threshold is not None else "steps to threshold"]
+            + [f"{label} (last 10 steps)" for _, label in comp.own_metrics] + ["minutes/run"])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in comp.methods:
+        runs = by_method[m.label]
+        if not runs:
+            lines.append(f"| {m.label} | " + " | ".join(["failed"] * (len(head) - 1)) + " |")
+            continue
+        gradient_rows = m.num_generations - 1 if m.estimator == "median" else m.num_generations
+        cells = [m.label, str(gradient_rows), str(comp.prompts_per_step * m.num_generations)]
+        for k in keys:
+            cells.append(f"{pm([r['eval'][0][k] for r in runs])} → {pm([r['eval'][-1][k] for r in runs])}")
+        cells.append(steps_to(runs, threshold))
+        for key, _ in comp.own_metrics:
+            cells.append(pm([statistics.fmean(row[key] for row in r["train"][-10:] if key in row)
+                             if any(key in row for row in r["train"][-10:]) else math.nan for r in runs]))
+        cells.append(f"{statistics.fmean(r['seconds'] for r in runs) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = "".join(f"\n\n**{label} failed** in every seed: `{err}`" for label, err in errors.items()
+                    if not by_method.get(label))
+    return "\n".join(lines) + notes, what_happened(comp, by_method, keys)
+
+
+def what_happened(comp: Comparison, by_method: dict[str, list[dict]], keys: list[str]) -> str:
+    """Statements computed from the numbers: each method vs the last (baseline) method, per headline metric."""
+    baseline = comp.methods[-1].label
+    base_runs = by_method.get(baseline) or []
+    out = []
+    for m in comp.methods[:-1]:
+        runs = by_method.get(m.label) or []
+        if not runs or not base_runs:
+            out.append(f"- {m.label} vs {baseline}: not comparable (a method failed).")
+            continue
+        for k in keys:
+            a, sa = mean_std([r["eval"][-1][k] for r in runs])
+            b, sb = mean_std([r["eval"][-1][k] for r in base_runs])
+            verdict = ("higher" if a > b else "lower") if abs(a - b) > max(sa, sb) else "not distinguishable"
+            out.append(f"- final held-out {k}: {m.label} {a:.3f} ± {sa:.3f} vs {baseline} {b:.3f} ± {sb:.3f} → "
+                       f"{verdict} (|difference| {abs(a - b):.3f} vs the larger std {max(sa, sb):.3f}, "
+                       f"{len(runs)} vs {len(base_runs)} seeds).")
+    for label, runs in by_method.items():
+        start = [r["eval"][0]["accuracy"] for r in runs]
+        end = [r["eval"][-1]["accuracy"] for r in runs]
+        if runs:
+            delta, sd = mean_std([e - s for s, e in zip(start, end, strict=True)])
+            moved = "improved" if delta > sd and delta > 0 else "fell" if -delta > sd else "did not move beyond noise"
+            out.append(f"- {label}: held-out accuracy {moved} over training (change {delta:+.3f} ± {sd:.3f}).")
+    return "\n".join(out)
+
+
+def plot(comp: Comparison, results: list[dict], name: str) -> str:
+    plt = _common.pyplot()
+    keys = headline_keys(comp)
+    panels = [("eval", k, f"held-out {k}") for k in keys] + [("train", k, label) for k, label in comp.own_metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (part, key, label) in zip(axes[0], panels, strict=True):
+        for m in comp.methods:
+            runs = [r for r in results if r["method"] == m.label and not r["error"]]
+            if not runs:
+                continue
+            steps, values = curves(runs, part, key)
+            if not steps:
+                continue
+            mean = [statistics.fmean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            if part == "train":
+                window = max(1, len(mean) // 12)
+                mean, std = smooth(mean, window), smooth(std, window)
+            ax.plot(steps, mean, label=m.label)
+            ax.fill_between(steps, [a - s for a, s in zip(mean, std, strict=True)],
+                            [a + s for a, s in zip(mean, std, strict=True)], alpha=0.2)
+        ax.set_title(label + (" (smoothed)" if part == "train" else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{comp.name} on {comp.env}: mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    if name.startswith("quick"):
+        path = OUT / "quick"
+        path.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return str(path / f"{name}.png")
+    return _common.save_figure(fig, f"{name}.png")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    names = list(comparisons())
+    parser.add_argument("--comparison", choices=[*names, "all"], default="all")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: per comparison)")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-size", type=int, default=None, help="held-out prompts (default: per comparison)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (1 thread each)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny warm start, 4 steps, nothing appended")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds = min(args.seeds, 2)
+    selected = [comparisons()[n] for n in (names if args.comparison == "all" else [args.comparison])]
+    begin = time.time()
+    specs = {c.env: (quick_warm_start(WARM_STARTS[c.env]) if args.quick else WARM_STARTS[c.env]) for c in selected}
+    paths = dict(zip(specs, run_all(warm_start, list(specs.values()), args.workers), strict=True))
+    for comp in selected:
+        comp_run = quick_comparison(comp) if args.quick else comp
+        started = time.time()
+        results = run_all(run_job, jobs_for(comp_run, args, paths[comp.env]), args.workers)
+        publish(comp_run, results, args, time.time() - started)
+    print(f"total {(time.time() - begin) / 60:.1f} min")
+
+
+def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None:
+    from _doc import append_result, machine
+
+    name = ("quick_" if args.quick else "learning_") + comp.name
+    raw = OUT / "learning" / f"{name}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({"comparison": asdict(comp), "results": results}, indent=1, default=str))
+    table, happened = report(comp, results, args)
+    image = plot(comp, results, name)
+    spec = quick_warm_start(WARM_STARTS[comp.env]) if args.quick else WARM_STARTS[comp.env]
+    print(f"\n## {comp.name} ({seconds / 60:.1f} min)\n{table}\n\n{happened}\nplot: {image}\n", flush=True)
+    if args.quick or args.no_write:
+        return
+    steps = results[0]["steps"] if results else comp.steps
+    body = (
+        f"{machine()}; {args.workers} worker process(es). Claim: {comp.claim}.\n\n"
+        f"Setup: `envs.{comp.env}` ({json.dumps(spec.dataset_kwargs)}; min hops {comp.min_hops}), local `{spec.preset}` "
+        f"model warm-started by SFT on {spec.examples} imperfect demonstrations x {spec.epochs:g} epochs "
+        f"(degrade={spec.degrade} {spec.degrade_fraction:g}, traces {json.dumps(spec.trace_kwargs)}); then RL for "
+        f"{steps} steps, {comp.prompts_per_step} prompts/step, lr {comp.learning_rate:g} constant, temperature 1, "
+        f"max_turns {spec.max_turns}, max_completion_length {spec.max_completion_length}; seeds "
+        f"{list(range(args.seeds))}; held-out: {results[0]['eval_size'] if results else comp.eval_size} test-split "
+        f"prompts, greedy, every {results[0]['eval_every'] if results else comp.eval_every} steps"
+        + (f", plus pass@1/pass@{comp.pass_k} from {comp.pass_k} samples at T=1" if comp.pass_k else "")
+        + ". Estimator options: " + "; ".join(f"{m.label}: `{m.estimator}` {json.dumps(m.kwargs)}" for m in comp.methods)
+        + f". Wall time {seconds / 60:.1f} min.\n\n{table}\n\n![{comp.name}]({image})\n\n"
+        f"What the numbers show (computed; 'distinguishable' = |difference| > the larger std over seeds):\n\n{happened}\n")
+    append_result(f"Learning: {comp.name}", f"Produced by `bench/learning.py --comparison {comp.name}` (method in its "
+                  "docstring). Newest results last.", body)
+
+
+if __name__ == "__main__":
+    main()
