@@ -59,13 +59,13 @@ class WarmStart:
 WARM_STARTS = {
     "calculator": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 2},
-        trace_kwargs={"style": "expression", "max_ops": 2, "direct_fraction": 0.2, "bad_call_fraction": 0.2},
+        trace_kwargs={"style": "expression", "max_ops": 2, "direct_fraction": 0.5}, examples=6000,
         learning_rate=2e-3, max_turns=3, max_completion_length=48),
     "search_qa": WarmStart(
-        "search_qa", degrade="early", degrade_fraction=0.4, examples=3000, epochs=4.0, max_length=1024,
+        "search_qa", degrade="early", degrade_fraction=0.5, examples=1400, epochs=4.0, max_length=1024,
         max_turns=4, max_completion_length=640),
     "python_sandbox": WarmStart(
-        "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=2000, epochs=6.0, max_length=512,
+        "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=540, epochs=6.0, max_length=512,
         max_turns=4, max_completion_length=400),
 }
 
@@ -411,13 +411,33 @@ def jobs_for(comp: Comparison, args, model_path: str) -> list[dict]:
             for m in comp.methods for seed in range(args.seeds)]
 
 
-def run_all(fn, items: list, workers: int) -> list:
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    import multiprocessing
+class Runner:
+    """Runs jobs in this process (workers <= 1) or in a pool of spawned processes shared by all comparisons."""
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(fn, items))
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn, items: list) -> list:
+        """Handles whose ``.result()`` gives fn(item); in-process jobs run lazily, in order."""
+        if self.pool is None:
+            return [_Lazy(fn, item) for item in items]
+        return [self.pool.submit(fn, item) for item in items]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class _Lazy:
+    def __init__(self, fn, item):
+        self.fn, self.item = fn, item
+
+    def result(self):
+        return self.fn(self.item)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -575,12 +595,18 @@ def main() -> None:
     selected = [comparisons()[n] for n in (names if args.comparison == "all" else [args.comparison])]
     begin = time.time()
     specs = {c.env: (quick_warm_start(WARM_STARTS[c.env]) if args.quick else WARM_STARTS[c.env]) for c in selected}
-    paths = dict(zip(specs, run_all(warm_start, list(specs.values()), args.workers), strict=True))
-    for comp in selected:
-        comp_run = quick_comparison(comp) if args.quick else comp
-        started = time.time()
-        results = run_all(run_job, jobs_for(comp_run, args, paths[comp.env]), args.workers)
-        publish(comp_run, results, args, time.time() - started)
+    runner = Runner(args.workers)
+    try:
+        paths = dict(zip(specs, [h.result() for h in runner.submit(warm_start, list(specs.values()))], strict=True))
+        print(f"warm starts ready ({(time.time() - begin) / 60:.1f} min)", flush=True)
+        # Every job is queued at once (workers stay busy across comparisons); results publish comparison by comparison.
+        runs = [quick_comparison(c) if args.quick else c for c in selected]
+        handles = [runner.submit(run_job, jobs_for(c, args, paths[c.env])) for c in runs]
+        for comp, pending in zip(runs, handles, strict=True):
+            results = [h.result() for h in pending]
+            publish(comp, results, args, sum(r["seconds"] for r in results))
+    finally:
+        runner.close()
     print(f"total {(time.time() - begin) / 60:.1f} min")
 
 
@@ -594,7 +620,7 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
     table, happened = report(comp, results, args)
     image = plot(comp, results, name)
     spec = quick_warm_start(WARM_STARTS[comp.env]) if args.quick else WARM_STARTS[comp.env]
-    print(f"\n## {comp.name} ({seconds / 60:.1f} min)\n{table}\n\n{happened}\nplot: {image}\n", flush=True)
+    print(f"\n## {comp.name} ({seconds / 60:.1f} min of runs)\n{table}\n\n{happened}\nplot: {image}\n", flush=True)
     if args.quick or args.no_write:
         return
     steps = results[0]["steps"] if results else comp.steps
@@ -609,7 +635,7 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
         f"prompts, greedy, every {results[0]['eval_every'] if results else comp.eval_every} steps"
         + (f", plus pass@1/pass@{comp.pass_k} from {comp.pass_k} samples at T=1" if comp.pass_k else "")
         + ". Estimator options: " + "; ".join(f"{m.label}: `{m.estimator}` {json.dumps(m.kwargs)}" for m in comp.methods)
-        + f". Wall time {seconds / 60:.1f} min.\n\n{table}\n\n![{comp.name}]({image})\n\n"
+        + f". Sum of run times {seconds / 60:.1f} min.\n\n{table}\n\n![{comp.name}]({image})\n\n"
         f"What the numbers show (computed; 'distinguishable' = |difference| > the larger std over seeds):\n\n{happened}\n")
     append_result(f"Learning: {comp.name}", f"Produced by `bench/learning.py --comparison {comp.name}` (method in its "
                   "docstring). Newest results last.", body)

@@ -1,6 +1,7 @@
 """arithmetic: single-turn arithmetic questions answered as ``<answer>N</answer>`` (no tools).
 
-The smallest task that shows learning: the quickstart warm-starts a tiny model on it with SFT, then RL improves it.
+The smallest task that shows learning: configs/arithmetic/grpo.yaml warm-starts a small model on it with SFT, then RL
+teaches it the rewarded answer format.
 """
 
 from __future__ import annotations

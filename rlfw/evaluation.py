@@ -30,11 +30,14 @@ def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens:
 
 
 def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | None = None, max_turns: int = 4,
-                   max_new_tokens: int = 64) -> dict[str, float]:
-    """Greedy held-out evaluation: single-turn, or multi-turn through the rollout engine when ``environment``."""
+                   max_new_tokens: int = 64, temperature: float = 0.0) -> dict[str, float]:
+    """Held-out evaluation: single-turn (greedy), or multi-turn through the rollout engine when ``environment``
+    (greedy with ``temperature`` 0, else sampled)."""
     if environment is None:
+        if temperature:
+            raise ValueError("single-turn evaluation is greedy; temperature must be 0")
         return evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens=max_new_tokens)
     from rlfw.rollout.evaluation import evaluate_episodes
 
     return evaluate_episodes(model, tokenizer, dataset, reward_func, environment, max_turns=max_turns,
-                             max_completion_length=max_new_tokens)
+                             max_completion_length=max_new_tokens, temperature=temperature)

@@ -242,3 +242,29 @@ def test_python_tool_output_and_turn_reward():
     assert "RuntimeError: boom" in out and "[exit code 1]" in out
     assert env._turn_reward() == 0.0
     assert env._is_final("I give up") is False and env.get_reward() == 0.0
+
+
+def test_calculator_imperfect_demonstrator():
+    """The quickstart's SFT traces: direct answers, and bad calls whose observation is the engine's own error."""
+    ds = calculator.synthetic_traces(200, seed=0, style="expression", max_ops=2, direct_fraction=0.4,
+                                     bad_call_fraction=0.5)
+    kinds = {"direct": 0, "bad": 0, "good": 0}
+    for row in ds:
+        first = row["completion"][0]
+        if not first.get("tool_calls"):
+            kinds["direct"] += 1
+            continue
+        arguments = json.loads(first["tool_calls"][0]["function"]["arguments"])
+        observation = row["completion"][1]["content"]
+        if "expr" in arguments:
+            kinds["bad"] += 1
+            assert observation == ("Error: bad arguments for tool 'calculate': missing a required argument: "
+                                   "'expression'.")
+        else:
+            kinds["good"] += 1
+            assert observation == calculator.format_number(calculator.evaluate(arguments["expression"]))
+        # the question quotes the expression exactly as the call's JSON string carries it
+        assert f'"{next(iter(arguments.values()))}"' in row["prompt"][-1]["content"]
+    assert 60 <= kinds["direct"] <= 100 and 40 <= kinds["bad"] <= 80 and 40 <= kinds["good"] <= 80
+    with pytest.raises(ValueError, match="bad_call_fraction"):
+        calculator.synthetic_traces(2, bad_call_fraction=1.5)
