@@ -12,15 +12,14 @@ the loop, not the model. Runs alternate between contenders. Appends the table to
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _doc import append_result, machine
 from datasets import Dataset
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -197,22 +196,10 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    import transformers
-    import trl
-
-    command = "OMP_NUM_THREADS=1 python bench/rollout.py " + " ".join(sys.argv[1:])
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, torch "
-               f"{torch.__version__} ({torch.get_num_threads()} thread), transformers {transformers.__version__}, "
-               f"trl {trl.__version__}; tiny local Llama (hidden 64, 2 layers), {args.batch} episodes per step, "
-               f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
-    doc = ROOT / "docs" / "benchmarks.md"
-    header = "## Rollout engine vs TRL tool loop"
-    existing = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = ("" if header in existing else f"\n{header}\n\nProduced by `bench/rollout.py`; newest results last.\n")
-    block += f"\n### {datetime.date.today()}: `{command.strip()}`\n\n{machine}.\n\n{table}\n"
-    with open(doc, "a") as f:
-        f.write(block)
-    print(f"appended to {doc}")
+    machine_line = (f"{machine()}; tiny local Llama (hidden 64, 2 layers), {args.batch} episodes per step, "
+                    f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
+    append_result("Rollout engine vs TRL tool loop", "Produced by `bench/rollout.py`; newest results last.",
+                  f"{machine_line}.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Running parsed tool calls: concurrently, with a per-call timeout, every failure turned into an observation.
 
-Each call runs in its own daemon thread. A hung tool is abandoned after the timeout: the step goes on and the
-interpreter can still exit (a ``ThreadPoolExecutor`` worker would block both once its pool is full or at exit).
+Calls run on a pool of reusable daemon worker threads, one call per free worker (starting a thread per call cost
+about a millisecond each, a visible share of a fast rollout turn). A hung tool keeps its worker and is abandoned
+after the timeout: the pool starts another worker for later calls, the step goes on, and the interpreter can still
+exit (a ``ThreadPoolExecutor`` would block both once its pool is full or at exit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import queue
 import threading
 import time
 from collections import Counter
@@ -35,20 +38,50 @@ class ToolOutcome:
 
 
 class _Running:
-    """One call running in a daemon thread; ``result``/``error`` are set when it returns."""
+    """One submitted call; ``done`` is set when it returned (``result``) or raised (``error``)."""
 
     def __init__(self, fn: Callable, arguments: dict[str, Any]):
+        self.fn, self.arguments = fn, arguments
         self.result: Any = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, arguments), daemon=True)
-        self.thread.start()
+        self.done = threading.Event()
 
-    def _run(self, fn: Callable, arguments: dict[str, Any]) -> None:
+    def run(self) -> None:
         try:
-            value = fn(**arguments)
+            value = self.fn(**self.arguments)
             self.result = asyncio.run(value) if inspect.isawaitable(value) else value
         except BaseException as e:  # contained: reported to the model, never raised into the rollout
             self.error = e
+        finally:
+            self.done.set()
+
+
+class _WorkerPool:
+    """Daemon threads that take calls from a queue. ``submit`` first makes sure each call has a free worker, so
+    calls never wait behind one another (or behind a hung tool) and all of a turn's calls run concurrently."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue[_Running] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, jobs: list[_Running]) -> None:
+        with self._lock:
+            missing = len(jobs) - self._idle
+            self._idle -= len(jobs) - max(missing, 0)
+        for _ in range(max(missing, 0)):
+            threading.Thread(target=self._work, daemon=True, name="rlfw-tool").start()
+        for job in jobs:
+            self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get().run()
+            with self._lock:
+                self._idle += 1
+
+
+_POOL = _WorkerPool()
 
 
 class ToolExecutor:
@@ -70,9 +103,10 @@ class ToolExecutor:
                 outcomes[i] = outcome
             else:
                 running[i] = (call.name, _Running(tools[call.name], call.arguments))
+        _POOL.submit([job for _, job in running.values()])
         deadline = time.monotonic() + self.timeout  # all calls start together, so one deadline bounds the turn
         for i, (name, job) in running.items():
-            job.thread.join(max(0.0, deadline - time.monotonic()))
+            job.done.wait(max(0.0, deadline - time.monotonic()))
             outcomes[i] = self._outcome(name, job)
         return outcomes
 
@@ -93,7 +127,7 @@ class ToolExecutor:
         return None
 
     def _outcome(self, name: str, job: _Running) -> ToolOutcome:
-        if job.thread.is_alive():
+        if not job.done.is_set():
             return ToolOutcome(name, f"Error: tool {name!r} exceeded the {self.timeout:g} s timeout.", "timeouts")
         if job.error is not None:
             err = job.error
