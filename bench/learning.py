@@ -1,21 +1,25 @@
-"""Do the estimators do, on our environments and a tiny local model, what their papers claim? Seeds, mean ± std.
+"""Do the estimators do, on our environments and a small local model, what their papers claim? Seeds, mean ± std.
 
-    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,stratified,igpo,gated,epo,riskpo,all}
+    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,epo,riskpo,gated,stratified,igpo,all}
         [--seeds 3] [--steps N] [--workers 2] [--quick] [--no-write]
 
-Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/) teaches a locally
-built model the tool and answer formats from an *imperfect* demonstrator (``WARM_STARTS``), so RL has something to
-improve. Then every method x seed trains with RLTrainer from that checkpoint (same data, same prompts per step;
-seed s = ``RLConfig.seed``, which drives sampling and data order) and is evaluated on held-out prompts every
-``eval_every`` steps with greedy decoding through the rollout engine (and, where the claim is about it, pass@1 /
-pass@k from k sampled episodes at temperature 1). A wrapper around the estimator records what the method itself
-acts on (tie rate, zero-advantage rate, tool calls, immediate vs outcome reward, ...) for every training step.
+Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/ and keyed by its
+settings and the environment's trace format) teaches a locally built model (``rlfw.assets`` preset ``small``, about
+1 M parameters) the tool and answer formats from an *imperfect* demonstrator (``WARM_STARTS``: e.g. half the
+calculator traces answer without the tool), so RL has something to improve. Then every method x seed trains with
+RLTrainer from that checkpoint (same data, same prompts per step; seed s = ``RLConfig.seed``, which drives sampling
+and data order). Every ``eval_every`` steps it is evaluated on held-out (test-split) prompts through the rollout
+engine: greedy accuracy, and "sampled accuracy" (pass@1 from k episodes per prompt at the training temperature 1;
+smoother than greedy, so it is the primary metric: steps-to-threshold and the verdicts use it) and, where the claim
+is about it, pass@k. A wrapper around the estimator records, every training step, what the method itself acts on
+(tie rate, zero-advantage rate, tool calls, immediate vs outcome reward, the estimator's own metrics).
 
 Prints and appends to docs/benchmarks.md, per comparison: a table (mean ± std over seeds of the held-out metrics at
-the first and last evaluation, steps to a threshold, the method's own metric), docs/img/learning_<name>.png, and a
-"what happened" paragraph computed from the numbers. Raw curves: outputs/bench/learning/<name>.json.
+the first and last evaluation, steps to a threshold, the method's own metrics), docs/img/learning_<name>.png, and a
+"what happened" list computed from the numbers. Raw curves: outputs/bench/learning/<name>.json.
 ``--quick`` is a smoke test (tiny warm start, a few steps, 2 seeds, nothing appended to the docs).
-Jobs run in ``--workers`` processes (default: one per CPU core, one torch thread each).
+Jobs run in ``--workers`` spawned processes (default: one per CPU core, one torch thread each), the slowest warm
+start first, each run as soon as its environment's warm start is ready.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import statistics
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -35,6 +40,7 @@ import _common
 from _common import mean_std, pm
 
 OUT = _common.ROOT / "outputs" / "bench"
+PRIMARY = "sampled accuracy"  # held-out pass@1 at T=1: the metric of thresholds and verdicts
 
 
 # ------------------------------------------------------------------------------------------------ what is compared
@@ -58,14 +64,14 @@ class WarmStart:
 
 WARM_STARTS = {
     "calculator": WarmStart(
-        "calculator", dataset_kwargs={"style": "expression", "max_ops": 2},
-        trace_kwargs={"style": "expression", "max_ops": 2, "direct_fraction": 0.5}, examples=6000,
+        "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=6000,
         learning_rate=2e-3, max_turns=3, max_completion_length=48),
     "search_qa": WarmStart(
-        "search_qa", degrade="early", degrade_fraction=0.5, examples=1400, epochs=4.0, max_length=1024,
-        max_turns=4, max_completion_length=640),
+        "search_qa", degrade="early", degrade_fraction=0.3, examples=2800, epochs=4.0, max_length=1024,
+        max_turns=3, max_completion_length=400),
     "python_sandbox": WarmStart(
-        "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=540, epochs=6.0, max_length=512,
+        "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=1440, epochs=8.0, max_length=512,
         max_turns=4, max_completion_length=400),
 }
 
@@ -90,7 +96,8 @@ class Comparison:
     eval_every: int = 10
     eval_size: int = 100
     learning_rate: float = 5e-5
-    pass_k: int = 0  # > 0: also pass@1 / pass@k from k sampled episodes per held-out prompt
+    samples: int = 4  # sampled episodes per held-out prompt (T=1) for sampled accuracy (pass@1)
+    pass_k: bool = False  # also report pass@samples
     min_hops: int = 0  # search_qa: keep only questions with at least this many hops
 
 
@@ -110,21 +117,23 @@ def comparisons() -> dict[str, Comparison]:
             "baseline's sign errors, so n=3 learns like a larger group (arXiv 2601.22582)",
             (Method("median n=3", "median", config_kwargs("configs/calculator/median.yaml"), 3),
              Method("grpo G=2", "grpo", {}, 2), Method("grpo G=8", "grpo", {}, 8)),
-            (("reward", "train reward"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups"))),
+            (("reward", "train reward"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups")),
+            steps=150, eval_every=15),
         Comparison(
-            "stratified", "search_qa",
-            "Stratified GRPO: normalising within strata of equal search count removes cross-stratum bias and "
-            "improves search agents (arXiv 2510.06214)",
-            (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
-            (("tool_calls", "searches per episode"), ("est/singleton_strata_frac", "singleton strata"),
-             ("reward", "train reward (F1)"))),
+            "epo", "calculator",
+            "EPO: entropy regularisation with a smoothed history keeps entropy from collapsing or exploding over "
+            "long horizons and improves success (arXiv 2509.22576)",
+            (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")), grpo),
+            (("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
+            steps=300, eval_every=30),
         Comparison(
-            "igpo", "search_qa",
-            "IGPO: turn-level information gain gives signal when a group's outcomes tie, improving multi-hop "
-            "search (arXiv 2510.14967)",
-            (Method("igpo", "igpo", config_kwargs("configs/search_qa/igpo.yaml")), replace(grpo, label="grpo (outcome only)")),
-            (("tie_rate", "tied groups"), ("tool_calls", "searches per episode"), ("reward", "train reward (F1)")),
-            min_hops=2),
+            "riskpo", "calculator",
+            "RiskPO: optimising a mixed VaR of bundled scores instead of the mean keeps exploring, raising "
+            "pass@k (and pass@1) over GRPO (arXiv 2510.00911)",
+            (Method("riskpo", "riskpo", config_kwargs("configs/calculator/riskpo.yaml")), grpo),
+            (("est/mvar", "bundle MVaR (riskpo)"), ("entropy", "policy entropy (nats/token)"),
+             ("reward", "train reward")),
+            steps=150, eval_every=15, prompts_per_step=5, samples=8, pass_k=True, eval_size=60),
         Comparison(
             "gated", "python_sandbox",
             "G-RA: adding immediate rewards directly (D-RA) lets them grow while the outcome falls; gating them on "
@@ -135,21 +144,23 @@ def comparisons() -> dict[str, Comparison]:
              Method("grpo (outcome only)", "grpo")),
             (("turn_reward_sum", "immediate reward per episode"), ("reward", "outcome (tests passed)"),
              ("tool_calls", "run_python calls per episode")),
-            steps=80, eval_size=9),
+            steps=60, eval_every=15, eval_size=9),
         Comparison(
-            "epo", "calculator",
-            "EPO: entropy regularisation with a smoothed history keeps entropy from collapsing or exploding over "
-            "long horizons and improves success (arXiv 2509.22576)",
-            (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")), grpo),
-            (("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
-            steps=200, eval_every=20),
+            "stratified", "search_qa",
+            "Stratified GRPO: normalising within strata of equal search count removes cross-stratum bias and "
+            "improves search agents (arXiv 2510.06214)",
+            (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
+            (("tool_calls", "searches per episode"), ("est/singleton_strata_frac", "singleton strata"),
+             ("reward", "train reward (F1)")),
+            steps=100, eval_every=20, eval_size=30, samples=2, prompts_per_step=2),
         Comparison(
-            "riskpo", "calculator",
-            "RiskPO: optimising a mixed VaR of bundled scores instead of the mean keeps exploring, raising "
-            "pass@k (and pass@1) over GRPO (arXiv 2510.00911)",
-            (Method("riskpo", "riskpo", config_kwargs("configs/calculator/riskpo.yaml")), grpo),
-            (("est/mvar", "bundle MVaR (riskpo)"), ("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
-            prompts_per_step=5, pass_k=8, eval_size=60),
+            "igpo", "search_qa",
+            "IGPO: turn-level information gain gives signal when a group's outcomes tie, improving multi-hop "
+            "search (arXiv 2510.14967)",
+            (Method("igpo", "igpo", config_kwargs("configs/search_qa/igpo.yaml")),
+             replace(grpo, label="grpo (outcome only)")),
+            (("tie_rate", "tied groups"), ("tool_calls", "searches per episode"), ("reward", "train reward (F1)")),
+            steps=100, eval_every=20, eval_size=30, samples=2, prompts_per_step=2, min_hops=2),
     )}
 
 
@@ -159,7 +170,7 @@ def warm_key(spec: WarmStart) -> str:
     import importlib
 
     sample = importlib.import_module(f"envs.{spec.env}").synthetic_traces(8, seed=0, **spec.trace_kwargs)
-    text = json.dumps([asdict(spec), [row["prompt"] + row["completion"] for row in sample]], sort_keys=True, default=str)
+    text = json.dumps([asdict(spec), [dict(row) for row in sample]], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -263,9 +274,11 @@ def batch_stats(batch, out) -> dict:
 
 def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature: float = 0.0, samples: int = 1,
                   seed: int = 0) -> dict:
-    """Held-out episodes through the rollout engine: accuracy (mean reward), tool calls, immediate reward, pass@k."""
+    """Held-out episodes through the rollout engine: accuracy (mean reward), tool calls, immediate reward; with
+    ``samples`` > 1 also pass@samples (best of a prompt's episodes)."""
     import torch
 
+    from rlfw.rewards import extract_answer
     from rlfw.rollout.backends import HFBackend
     from rlfw.rollout.engine import RolloutEngine
 
@@ -275,7 +288,7 @@ def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature:
     engine = RolloutEngine(tokenizer, backend, max_turns=spec.max_turns,
                            max_completion_length=spec.max_completion_length, eos_token_ids=backend.eos_ids)
     expanded = [row for row in rows for _ in range(samples)]
-    rewards, calls, immediate = [], [], []
+    rewards, calls, immediate, answers = [], [], [], []
     with torch.random.fork_rng(), torch.no_grad():  # sampling here must not move the training RNG
         torch.manual_seed(seed)
         for start in range(0, len(expanded), 64):
@@ -285,12 +298,15 @@ def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature:
                 rewards.append(float(env.get_reward()))
                 calls.append(ep.num_tool_calls)
                 immediate.append(sum(x for x in ep.turn_rewards if not math.isnan(x)))
+                answers.append(extract_answer(getattr(env, "final_text", None)))
     model.train(was_training)
     n = max(len(rewards), 1)
-    out = {"accuracy": sum(rewards) / n, "tool_calls": sum(calls) / n, "immediate": sum(immediate) / n}
+    top = Counter(a for a in answers if a is not None).most_common(1)
+    out = {"accuracy": sum(rewards) / n, "tool_calls": sum(calls) / n, "immediate": sum(immediate) / n,
+           "top_answer_share": top[0][1] / n if top else 0.0}  # near 1: one answer for every prompt (a prior)
     if samples > 1:
         best = [max(rewards[i:i + samples]) for i in range(0, len(rewards), samples)]
-        out = {"pass@1 (T=1)": out["accuracy"], f"pass@{samples} (T=1)": sum(best) / len(best)}
+        out[f"pass@{samples}"] = sum(best) / len(best)
     return out
 
 
@@ -352,10 +368,14 @@ def _train(job: dict) -> dict:
     held_out = eval_rows(comp, spec, job["eval_size"])
 
     def evaluate(model) -> dict:
-        result = episodes_eval(model, tokenizer, held_out, env_cls, spec)
+        greedy = episodes_eval(model, tokenizer, held_out, env_cls, spec)
+        result = {"greedy accuracy": greedy["accuracy"], "greedy tool calls": greedy["tool_calls"],
+                  "greedy immediate reward": greedy["immediate"], "greedy top-answer share": greedy["top_answer_share"]}
+        sampled = episodes_eval(model, tokenizer, held_out, env_cls, spec, temperature=1.0, samples=comp.samples,
+                                seed=1234)
+        result[PRIMARY] = sampled["accuracy"]
         if comp.pass_k:
-            result.update(episodes_eval(model, tokenizer, held_out, env_cls, spec, temperature=1.0,
-                                        samples=comp.pass_k, seed=1234))
+            result[f"pass@{comp.samples}"] = sampled[f"pass@{comp.samples}"]
         return result
 
     evals: list[dict] = []
@@ -372,7 +392,8 @@ def _train(job: dict) -> dict:
     config = RLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-learning-"), advantage_estimator=method.estimator,
         advantage_kwargs=dict(method.kwargs), environment=f"envs.{spec.env}", max_turns=spec.max_turns,
-        num_generations=method.num_generations, per_device_train_batch_size=comp.prompts_per_step * method.num_generations,
+        num_generations=method.num_generations,
+        per_device_train_batch_size=comp.prompts_per_step * method.num_generations,
         max_completion_length=spec.max_completion_length, max_steps=steps, learning_rate=comp.learning_rate,
         lr_scheduler_type="constant", temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no",
         report_to="none", gradient_checkpointing=False, dataloader_pin_memory=False, disable_tqdm=True,
@@ -399,7 +420,7 @@ def quick_warm_start(spec: WarmStart) -> WarmStart:
 
 def quick_comparison(comp: Comparison) -> Comparison:
     return replace(comp, steps=4, eval_every=2, eval_size=8, prompts_per_step=min(comp.prompts_per_step, 2) if
-                   comp.name != "riskpo" else comp.prompts_per_step, pass_k=min(comp.pass_k, 2))
+                   comp.name != "riskpo" else comp.prompts_per_step, samples=2)
 
 
 def jobs_for(comp: Comparison, args, model_path: str) -> list[dict]:
@@ -411,33 +432,39 @@ def jobs_for(comp: Comparison, args, model_path: str) -> list[dict]:
             for m in comp.methods for seed in range(args.seeds)]
 
 
-class Runner:
-    """Runs jobs in this process (workers <= 1) or in a pool of spawned processes shared by all comparisons."""
+@dataclass
+class Task:
+    """A unit of work for ``schedule``: ``fn(make_arg(results so far))``, runnable once ``needs`` are done."""
 
-    def __init__(self, workers: int):
-        self.pool = None
-        if workers > 1:
-            import multiprocessing
-
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-
-    def submit(self, fn, items: list) -> list:
-        """Handles whose ``.result()`` gives fn(item); in-process jobs run lazily, in order."""
-        if self.pool is None:
-            return [_Lazy(fn, item) for item in items]
-        return [self.pool.submit(fn, item) for item in items]
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+    key: str
+    fn: object
+    make_arg: object
+    needs: tuple[str, ...] = ()
 
 
-class _Lazy:
-    def __init__(self, fn, item):
-        self.fn, self.item = fn, item
+def schedule(tasks: list[Task], workers: int, on_done) -> None:
+    """Run ``tasks`` (in priority order, each as soon as what it needs is done) on ``workers`` spawned processes
+    (in this process if workers <= 1); ``on_done(key, results)`` runs in this process after each task."""
+    results: dict[str, object] = {}
+    if workers <= 1:
+        for task in tasks:
+            results[task.key] = task.fn(task.make_arg(results))
+            on_done(task.key, results)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    def result(self):
-        return self.fn(self.item)
+    pending, running = list(tasks), {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            for task in [t for t in pending if all(n in results for n in t.needs)][: workers - len(running)]:
+                running[pool.submit(task.fn, task.make_arg(results))] = task
+                pending.remove(task)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                results[task.key] = future.result()  # a failing warm start stops the bench; run_job never raises
+                on_done(task.key, results)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -457,18 +484,20 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def headline_keys(comp: Comparison) -> list[str]:
-    keys = ["accuracy"]
+    keys = [PRIMARY, "greedy accuracy"]
     if comp.pass_k:
-        keys += ["pass@1 (T=1)", f"pass@{comp.pass_k} (T=1)"]
+        keys += [f"pass@{comp.samples}"]
     if comp.name == "gated":
-        keys += ["immediate"]
+        keys += ["greedy immediate reward"]
+    if comp.env == "search_qa":  # a policy that answers the most frequent answer everywhere scores by the prior
+        keys += ["greedy top-answer share"]
     return keys
 
 
 def threshold_of(comp: Comparison, by_method: dict[str, list[dict]]) -> float | None:
-    """Halfway from the warm start's held-out accuracy to the best final mean accuracy of any method."""
-    start = [r["eval"][0]["accuracy"] for runs in by_method.values() for r in runs if r["eval"]]
-    finals = [statistics.fmean(r["eval"][-1]["accuracy"] for r in runs) for runs in by_method.values()
+    """Halfway from the warm start's sampled accuracy to the best final mean sampled accuracy of any method."""
+    start = [r["eval"][0][PRIMARY] for runs in by_method.values() for r in runs if r["eval"]]
+    finals = [statistics.fmean(r["eval"][-1][PRIMARY] for r in runs) for runs in by_method.values()
               if runs and all(r["eval"] for r in runs)]
     if not start or not finals or max(finals) <= statistics.fmean(start):
         return None
@@ -478,7 +507,7 @@ def threshold_of(comp: Comparison, by_method: dict[str, list[dict]]) -> float | 
 def steps_to(runs: list[dict], threshold: float | None) -> str:
     if threshold is None:
         return "n/a (no method improved)"
-    hits = [next((e["step"] for e in r["eval"] if e["accuracy"] >= threshold), None) for r in runs]
+    hits = [next((e["step"] for e in r["eval"] if e[PRIMARY] >= threshold), None) for r in runs]
     reached = [h for h in hits if h is not None]
     text = f"{len(reached)}/{len(runs)} seeds"
     return text + (f", {pm(reached, 0)}" if reached else "")
@@ -491,7 +520,7 @@ def report(comp: Comparison, results: list[dict], args) -> tuple[str, str]:
     keys = headline_keys(comp)
     threshold = threshold_of(comp, by_method)
     head = (["method", "G (gradient rows)", "completions/step"] + [f"held-out {k}: start → end" for k in keys]
-            + [f"steps to accuracy >= {threshold:.3f}" if threshold is not None else "steps to threshold"]
+            + [f"steps to {PRIMARY} >= {threshold:.3f}" if threshold is not None else "steps to threshold"]
             + [f"{label} (last 10 steps)" for _, label in comp.own_metrics] + ["minutes/run"])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in comp.methods:
@@ -505,8 +534,7 @@ def report(comp: Comparison, results: list[dict], args) -> tuple[str, str]:
             cells.append(f"{pm([r['eval'][0][k] for r in runs])} → {pm([r['eval'][-1][k] for r in runs])}")
         cells.append(steps_to(runs, threshold))
         for key, _ in comp.own_metrics:
-            cells.append(pm([statistics.fmean(row[key] for row in r["train"][-10:] if key in row)
-                             if any(key in row for row in r["train"][-10:]) else math.nan for r in runs]))
+            cells.append(pm([_last(r, key) for r in runs]))
         cells.append(f"{statistics.fmean(r['seconds'] for r in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = "".join(f"\n\n**{label} failed** in every seed: `{err}`" for label, err in errors.items()
@@ -515,38 +543,77 @@ def report(comp: Comparison, results: list[dict], args) -> tuple[str, str]:
 
 
 def what_happened(comp: Comparison, by_method: dict[str, list[dict]], keys: list[str]) -> str:
-    """Statements computed from the numbers: each method vs the last (baseline) method, per headline metric."""
-    baseline = comp.methods[-1].label
-    base_runs = by_method.get(baseline) or []
+    """Statements computed from the numbers (no interpretation): every pair of methods on the final held-out metrics
+    and on their own metrics (mean of the last 10 training steps); each method's change over training."""
     out = []
-    for m in comp.methods[:-1]:
-        runs = by_method.get(m.label) or []
-        if not runs or not base_runs:
-            out.append(f"- {m.label} vs {baseline}: not comparable (a method failed).")
-            continue
-        for k in keys:
-            a, sa = mean_std([r["eval"][-1][k] for r in runs])
-            b, sb = mean_std([r["eval"][-1][k] for r in base_runs])
-            verdict = ("higher" if a > b else "lower") if abs(a - b) > max(sa, sb) else "not distinguishable"
-            out.append(f"- final held-out {k}: {m.label} {a:.3f} ± {sa:.3f} vs {baseline} {b:.3f} ± {sb:.3f} → "
-                       f"{verdict} (|difference| {abs(a - b):.3f} vs the larger std {max(sa, sb):.3f}, "
-                       f"{len(runs)} vs {len(base_runs)} seeds).")
+    labels = [m.label for m in comp.methods]
+    for i, a_label in enumerate(labels):
+        for b_label in labels[i + 1:]:
+            a_runs, b_runs = by_method.get(a_label) or [], by_method.get(b_label) or []
+            if not a_runs or not b_runs:
+                out.append(f"- {a_label} vs {b_label}: not comparable (a method failed).")
+                continue
+            parts = [_verdict(f"held-out {k} (final)", [r["eval"][-1][k] for r in a_runs],
+                              [r["eval"][-1][k] for r in b_runs]) for k in keys]
+            parts += [_verdict(label, [_last(r, key) for r in a_runs], [_last(r, key) for r in b_runs])
+                      for key, label in comp.own_metrics]
+            out.append(f"- {a_label} vs {b_label}: " + "; ".join(p for p in parts if p) + ".")
     for label, runs in by_method.items():
-        start = [r["eval"][0]["accuracy"] for r in runs]
-        end = [r["eval"][-1]["accuracy"] for r in runs]
-        if runs:
-            delta, sd = mean_std([e - s for s, e in zip(start, end, strict=True)])
-            moved = "improved" if delta > sd and delta > 0 else "fell" if -delta > sd else "did not move beyond noise"
-            out.append(f"- {label}: held-out accuracy {moved} over training (change {delta:+.3f} ± {sd:.3f}).")
+        if not runs:
+            continue
+        delta, sd = mean_std([r["eval"][-1][PRIMARY] - r["eval"][0][PRIMARY] for r in runs])
+        trends = [f"{name} {_first(runs, key):.3f} → {_last_mean(runs, key):.3f}" for key, name in comp.own_metrics
+                  if not math.isnan(_first(runs, key))]
+        out.append(f"- {label}: held-out {PRIMARY} {_moved(delta, sd)} over training ({delta:+.3f} ± {sd:.3f} over "
+                   f"{len(runs)} seeds); first → last 10 training steps: " + ", ".join(trends) + ".")
     return "\n".join(out)
 
 
-def plot(comp: Comparison, results: list[dict], name: str) -> str:
+def _verdict(name: str, a: list[float], b: list[float]) -> str:
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if math.isnan(ma) or math.isnan(mb):
+        return ""
+    if min(len(a), len(b)) < 2:
+        word = "one seed: no verdict"
+    else:
+        word = ("higher" if ma > mb else "lower") if abs(ma - mb) > max(sa, sb) else "not distinguishable"
+    return f"{name} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({word})"
+
+
+def _moved(delta: float, sd: float) -> str:
+    """With one seed (sd 0) this reports the sign of any change; the seed count is printed next to it."""
+    return "improved" if delta > sd and delta > 0 else "fell" if -delta > sd else "did not move beyond noise"
+
+
+def _last(run: dict, key: str, n: int = 10) -> float:
+    values = [row[key] for row in run["train"][-n:] if key in row]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _first_of(run: dict, key: str, n: int = 10) -> float:
+    values = [row[key] for row in run["train"][:n] if key in row]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _first(runs: list[dict], key: str) -> float:
+    return mean_std([_first_of(r, key) for r in runs])[0]
+
+
+def _last_mean(runs: list[dict], key: str) -> float:
+    return mean_std([_last(r, key) for r in runs])[0]
+
+
+def plot(comp: Comparison, results: list[dict], name: str, to_docs: bool) -> str:
+    """The curves as a PNG: docs/img/<name>.png (returned as the docs-relative link), else under outputs/bench/plots."""
     plt = _common.pyplot()
     keys = headline_keys(comp)
     panels = [("eval", k, f"held-out {k}") for k in keys] + [("train", k, label) for k, label in comp.own_metrics]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (part, key, label) in zip(axes[0], panels, strict=True):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (part, key, label) in zip(axes.flat, panels, strict=False):
         for m in comp.methods:
             runs = [r for r in results if r["method"] == m.label and not r["error"]]
             if not runs:
@@ -568,8 +635,8 @@ def plot(comp: Comparison, results: list[dict], name: str) -> str:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{comp.name} on {comp.env}: mean ± std over seeds", fontsize=10)
     fig.tight_layout()
-    if name.startswith("quick"):
-        path = OUT / "quick"
+    if not to_docs:
+        path = OUT / "plots"
         path.mkdir(parents=True, exist_ok=True)
         fig.savefig(path / f"{name}.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -594,19 +661,34 @@ def main() -> None:
         args.seeds = min(args.seeds, 2)
     selected = [comparisons()[n] for n in (names if args.comparison == "all" else [args.comparison])]
     begin = time.time()
-    specs = {c.env: (quick_warm_start(WARM_STARTS[c.env]) if args.quick else WARM_STARTS[c.env]) for c in selected}
-    runner = Runner(args.workers)
-    try:
-        paths = dict(zip(specs, [h.result() for h in runner.submit(warm_start, list(specs.values()))], strict=True))
-        print(f"warm starts ready ({(time.time() - begin) / 60:.1f} min)", flush=True)
-        # Every job is queued at once (workers stay busy across comparisons); results publish comparison by comparison.
-        runs = [quick_comparison(c) if args.quick else c for c in selected]
-        handles = [runner.submit(run_job, jobs_for(c, args, paths[c.env])) for c in runs]
-        for comp, pending in zip(runs, handles, strict=True):
-            results = [h.result() for h in pending]
+    runs = [quick_comparison(c) if args.quick else c for c in selected]
+    specs = {c.env: (quick_warm_start(WARM_STARTS[c.env]) if args.quick else WARM_STARTS[c.env]) for c in runs}
+    # Priority: the longest warm start (search_qa) first, then each environment's warm start just before its first
+    # comparison's jobs; a job waits only for its own warm start, so the other workers run jobs meanwhile.
+    tasks = [Task(f"warm:{env}", warm_start, lambda _, s=spec: s) for env, spec in specs.items() if env == "search_qa"]
+    jobs: dict[str, list[str]] = {}
+    for comp in runs:
+        if not any(t.key == f"warm:{comp.env}" for t in tasks):
+            tasks.append(Task(f"warm:{comp.env}", warm_start, lambda _, s=specs[comp.env]: s))
+        for job in jobs_for(comp, args, ""):
+            key = f"{comp.name}:{job['method']}:{job['seed']}"
+            jobs.setdefault(comp.name, []).append(key)
+            tasks.append(Task(key, run_job, lambda done, j=job: {**j, "model_path": done[f"warm:{j['env']}"]},
+                              needs=(f"warm:{comp.env}",)))
+    published: set[str] = set()
+
+    def on_done(key: str, done: dict) -> None:
+        print(f"[{(time.time() - begin) / 60:.1f} min] done: {key}", flush=True)
+        for comp in runs:  # publish in the given order, each as soon as all its runs are in
+            if comp.name in published:
+                continue
+            if not all(k in done for k in jobs[comp.name]):
+                break
+            results = [done[k] for k in jobs[comp.name]]
             publish(comp, results, args, sum(r["seconds"] for r in results))
-    finally:
-        runner.close()
+            published.add(comp.name)
+
+    schedule(tasks, args.workers, on_done)
     print(f"total {(time.time() - begin) / 60:.1f} min")
 
 
@@ -618,7 +700,7 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"comparison": asdict(comp), "results": results}, indent=1, default=str))
     table, happened = report(comp, results, args)
-    image = plot(comp, results, name)
+    image = plot(comp, results, name, to_docs=not (args.quick or args.no_write))
     spec = quick_warm_start(WARM_STARTS[comp.env]) if args.quick else WARM_STARTS[comp.env]
     print(f"\n## {comp.name} ({seconds / 60:.1f} min of runs)\n{table}\n\n{happened}\nplot: {image}\n", flush=True)
     if args.quick or args.no_write:
@@ -626,17 +708,21 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
     steps = results[0]["steps"] if results else comp.steps
     body = (
         f"{machine()}; {args.workers} worker process(es). Claim: {comp.claim}.\n\n"
-        f"Setup: `envs.{comp.env}` ({json.dumps(spec.dataset_kwargs)}; min hops {comp.min_hops}), local `{spec.preset}` "
+        f"Setup: `envs.{comp.env}` ({json.dumps(spec.dataset_kwargs)}; min hops {comp.min_hops}), "
+        f"local `{spec.preset}` "
         f"model warm-started by SFT on {spec.examples} imperfect demonstrations x {spec.epochs:g} epochs "
         f"(degrade={spec.degrade} {spec.degrade_fraction:g}, traces {json.dumps(spec.trace_kwargs)}); then RL for "
         f"{steps} steps, {comp.prompts_per_step} prompts/step, lr {comp.learning_rate:g} constant, temperature 1, "
         f"max_turns {spec.max_turns}, max_completion_length {spec.max_completion_length}; seeds "
         f"{list(range(args.seeds))}; held-out: {results[0]['eval_size'] if results else comp.eval_size} test-split "
         f"prompts, greedy, every {results[0]['eval_every'] if results else comp.eval_every} steps"
-        + (f", plus pass@1/pass@{comp.pass_k} from {comp.pass_k} samples at T=1" if comp.pass_k else "")
-        + ". Estimator options: " + "; ".join(f"{m.label}: `{m.estimator}` {json.dumps(m.kwargs)}" for m in comp.methods)
+        + f"; sampled accuracy = pass@1 from {comp.samples} episodes per prompt at T=1"
+        + (f", pass@{comp.samples} from the same episodes" if comp.pass_k else "")
+        + ". Estimator options: "
+        + "; ".join(f"{m.label}: `{m.estimator}` {json.dumps(m.kwargs)}" for m in comp.methods)
         + f". Sum of run times {seconds / 60:.1f} min.\n\n{table}\n\n![{comp.name}]({image})\n\n"
-        f"What the numbers show (computed; 'distinguishable' = |difference| > the larger std over seeds):\n\n{happened}\n")
+        "What the numbers show (computed; 'distinguishable' = |difference| > the larger std over seeds):\n\n"
+        f"{happened}\n")
     append_result(f"Learning: {comp.name}", f"Produced by `bench/learning.py --comparison {comp.name}` (method in its "
                   "docstring). Newest results last.", body)
 

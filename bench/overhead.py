@@ -1,7 +1,7 @@
 """What rlfw costs over plain TRL: whole training steps of RLTrainer(grpo) vs GRPOTrainer, same model, data, seed.
 
-    OMP_NUM_THREADS=1 python bench/overhead.py [--modes single multi --repeats 5 --steps 8 --warmup-steps 2]
-        [--device cpu|cuda --preset tiny|small --hidden-size H --num-layers L] [--profile] [--no-write]
+    OMP_NUM_THREADS=1 python bench/overhead.py [--modes single multi --repeats 7 --steps 10 --warmup-steps 2]
+        [--device cpu|cuda --bf16 --preset tiny|small --hidden-size H --num-layers L ...] [--profile] [--no-write]
 
 Two settings, each run = a fresh trainer built from the same saved model, ``warmup-steps`` steps not counted, then
 ``steps`` timed optimizer steps (wall time between consecutive ``on_step_end`` callbacks, so generation, rewards,
@@ -117,7 +117,7 @@ def release_memory() -> int:
 
 def common_settings(args, out: str) -> dict:
     cpu = args.device == "cpu"
-    return dict(output_dir=out, use_cpu=cpu, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+    return dict(output_dir=out, use_cpu=cpu, bf16=args.bf16, fp16=False, gradient_checkpointing=False, report_to="none",
                 dataloader_pin_memory=False, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
                 max_steps=args.warmup_steps + args.steps, num_generations=args.group,
                 per_device_train_batch_size=args.batch, max_completion_length=args.max_completion_length,
@@ -150,8 +150,9 @@ def build_trainer(contender: str, mode: str, model_path: str, tokenizer, args, o
         trainer = GRPOTrainer(model=model_path, reward_funcs=rewards, args=GRPOConfig(**settings),
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[callback], **extra)
     else:
-        trainer = RLTrainer(model=model_path, reward_funcs=rewards, args=RLConfig(advantage_estimator="grpo", **settings),
-                            train_dataset=dataset, processing_class=tokenizer, callbacks=[callback], **extra)
+        config = RLConfig(advantage_estimator="grpo", **settings)
+        trainer = RLTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, callbacks=[callback], **extra)
     if mode == "multi":
         from rollout import force
 
@@ -231,37 +232,45 @@ def table(results: dict[str, dict[str, list[dict]]], args) -> str:
         lines.append(
             f"| {name} | {statistics.median(r['s_per_step'] for r in trl):.4f} | "
             f"{statistics.median(r['s_per_step'] for r in rlfw):.4f} | {spread(time_ratio)} | "
-            f"{statistics.median(r['peak_mb'] for r in trl):.1f} | {statistics.median(r['peak_mb'] for r in rlfw):.1f} | "
+            f"{statistics.median(r['peak_mb'] for r in trl):.1f} | "
+            f"{statistics.median(r['peak_mb'] for r in rlfw):.1f} | "
             f"{spread(mem_ratio, 2)} | {'yes' if same else 'NO'} |")
     return "\n".join(lines)
 
 
-def profile(mode: str, model_path: str, tokenizer, args, top: int = 25) -> str:
-    """cProfile one run per contender; the functions with the largest cumulative-time difference (rlfw - TRL)."""
+def profile(mode: str, model_path: str, tokenizer, args, top: int = 20) -> str:
+    """cProfile one run per contender: total time, and the functions whose own time (tottime) differs most."""
     import cProfile
 
     stats = {}
     for contender in CONTENDERS:
         prof = cProfile.Profile()
         one_run(contender, mode, model_path, tokenizer, args, profiler=prof)
-        stats[contender] = pstats.Stats(prof, stream=io.StringIO()).stats
-    def cumulative(s):
-        return {f"{Path(k[0]).name}:{k[1]}({k[2]})": v[3] for k, v in s.items()}
-    trl, rlfw = cumulative(stats["trl"]), cumulative(stats["rlfw"])
+        stats[contender] = pstats.Stats(prof, stream=io.StringIO())
+
+    def own_time(s: pstats.Stats) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (path, line, name), row in s.stats.items():
+            key = f"{'/'.join(Path(path).parts[-2:])}:{line}({name})"
+            out[key] = out.get(key, 0.0) + row[2]
+        return out
+
+    trl, rlfw = own_time(stats["trl"]), own_time(stats["rlfw"])
     keys = sorted(set(trl) | set(rlfw), key=lambda k: -abs(rlfw.get(k, 0.0) - trl.get(k, 0.0)))[:top]
-    lines = [f"cProfile, {mode}, one run each ({args.warmup_steps + args.steps} steps), cumulative seconds:",
-             f"{'function':70s} {'TRL':>8s} {'rlfw':>8s} {'diff':>8s}"]
+    lines = [f"cProfile, {mode}, one run each ({args.warmup_steps + args.steps} steps): total TRL "
+             f"{stats['trl'].total_tt:.3f} s, rlfw {stats['rlfw'].total_tt:.3f} s; own time (tottime) of the "
+             f"functions that differ most:", f"{'function':78s} {'TRL':>7s} {'rlfw':>7s} {'diff':>7s}"]
     for k in keys:
         a, b = trl.get(k, 0.0), rlfw.get(k, 0.0)
-        lines.append(f"{k[:70]:70s} {a:8.3f} {b:8.3f} {b - a:+8.3f}")
+        lines.append(f"{k[:78]:78s} {a:7.3f} {b:7.3f} {b - a:+7.3f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", choices=["single", "multi"], default=["single", "multi"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start of each run")
     parser.add_argument("--batch", type=int, default=16, help="completions per step (per_device_train_batch_size)")
     parser.add_argument("--group", type=int, default=8, help="num_generations")
@@ -273,17 +282,23 @@ def main() -> None:
     parser.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="rlfw.assets model preset")
     parser.add_argument("--hidden-size", type=int, default=None, help="override the preset (a larger local model)")
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="override the preset")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the preset (attention heads)")
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (CUDA)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run per contender")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 is for --device cuda")
     set_threads()
     from rlfw.assets import build_assets, load_tokenizer
 
     start = time.time()
     model_path = str(build_assets(Path(tempfile.mkdtemp(prefix="overhead-assets-")) / "model", seed=0,
-                                  preset=args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers))
+                                  preset=args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                  intermediate_size=args.intermediate_size, num_heads=args.num_heads))
     tokenizer = load_tokenizer(model_path)
     results = {mode: measure(mode, model_path, tokenizer, args) for mode in args.modes}
     text = table(results, args)
@@ -297,9 +312,11 @@ def main() -> None:
 
     cfg = AutoConfig.from_pretrained(model_path)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(cfg).parameters())
-    body = (f"{machine()}; device {args.device}. Model: local Llama preset `{args.preset}` (hidden {cfg.hidden_size}, "
-            f"{cfg.num_hidden_layers} layers, {params / 1e6:.2f} M parameters), seed 0. {args.batch} completions per "
-            f"step, G={args.group}, max_completion_length {args.max_completion_length} (single) / "
+    precision = "bf16" if args.bf16 else "fp32"
+    body = (f"{machine()}; device {args.device}, {precision}. Model: local Llama preset `{args.preset}` (hidden "
+            f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, {params / 1e6:.2f} M parameters), seed 0. "
+            f"{args.batch} completions per step, G={args.group}, max_completion_length {args.max_completion_length} "
+            f"(single) / "
             f"{args.multi_max_completion_length} (multi, {args.turns} forced turns). "
             f"Each run: fresh trainer, {args.warmup_steps} untimed + {args.steps} timed steps; {args.repeats} "
             f"alternating repeats after one warm-up run each; {time.time() - start:.0f} s in all.\n\n{text}\n")
