@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 import traceback
@@ -401,7 +402,10 @@ def _train(job: dict) -> dict:
     trainer = RLTrainer(model=model_path, args=config, estimator=estimator, train_dataset=train_rows(comp, spec),
                         processing_class=tokenizer, callbacks=[Evaluate()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(config.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy "no")
     logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     train = []
     for step, stats in enumerate(estimator.steps, start=1):

@@ -25,11 +25,13 @@ and ``malloc_trim`` (tracemalloc would slow the steps several-fold and misses to
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import gc
 import io
 import pstats
+import shutil
 import statistics
 import tempfile
 import threading
@@ -194,6 +196,7 @@ def one_run(contender: str, mode: str, model_path: str, tokenizer, args, profile
     else:
         peak = timer.sampler.peak - base
     del trainer
+    shutil.rmtree(out, ignore_errors=True)
     release_memory()
     return {"s_per_step": statistics.fmean(timer.times), "peak_mb": peak / 2**20, "tokens": tokens.tokens}
 
@@ -296,7 +299,9 @@ def main() -> None:
     from rlfw.assets import build_assets, load_tokenizer
 
     start = time.time()
-    model_path = str(build_assets(Path(tempfile.mkdtemp(prefix="overhead-assets-")) / "model", seed=0,
+    assets = tempfile.mkdtemp(prefix="overhead-assets-")
+    atexit.register(shutil.rmtree, assets, ignore_errors=True)
+    model_path = str(build_assets(Path(assets) / "model", seed=0,
                                   preset=args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                   intermediate_size=args.intermediate_size, num_heads=args.num_heads))
     tokenizer = load_tokenizer(model_path)
