@@ -91,8 +91,10 @@ class HFBackend:
             )
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         new = out.sequences[:, width:]  # (B, S)
-        scores = torch.stack(out.scores, dim=1).float()  # (B, S, V) processed logits the tokens were sampled from
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new[..., None]).squeeze(-1)  # (B, S)
+        # Log-prob of each sampled token under the processed logits it was sampled from, one step at a time: stacking
+        # out.scores would add (B, S, V) copies on top of the scores generate already holds.
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t: t + 1]).squeeze(-1)
+                                for t, step in enumerate(out.scores)], dim=1)  # (B, S)
         eos = set(self.eos_ids)
         return [_cut(ids, lps, b, eos) for ids, lps, b in zip(new.tolist(), logprobs.tolist(), budgets, strict=True)]
 
