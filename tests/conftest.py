@@ -54,6 +54,28 @@ def hashed_reward(completions, **kwargs) -> list[float]:
     return [zlib.crc32(text_of(c).encode()) % 7 / 6 for c in completions]
 
 
+class AddEnv:
+    """One ``add`` tool; rewarded by the number of calls made. Rows with ``bad_row`` true make ``reset`` raise."""
+
+    def reset(self, **row):
+        if row.get("bad_row"):
+            raise KeyError("document_id")
+        self.calls = 0
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first number
+            b: second number
+        """
+        self.calls += 1
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(self.calls)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> str:
     """Path (string) of a tiny local tokenizer + Llama model, built once per session."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, hashed_reward, prompt_rows, subprocess_env
+from conftest import REPO, AddEnv, hashed_reward, prompt_rows, subprocess_env
 from mp_worker import parity_run, resume_runs
 
 from rlfw.advantages import AdvantageBatch, AdvantageOutput
@@ -103,26 +103,6 @@ def test_single_column_advantages_reach_every_policy_token(tmp_path, tiny_assets
     mask = out["completion_mask"].bool()
     expected = torch.where(mask, result.advantages[:, :1].expand_as(mask), torch.zeros(()))  # (N, T)
     assert torch.equal(out["advantages"], expected)
-
-
-class AddEnv:
-    """One tool; rewarded by the number of calls made."""
-
-    def reset(self, **row):
-        self.calls = 0
-
-    def add(self, a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: first number
-            b: second number
-        """
-        self.calls += 1
-        return a + b
-
-    def get_reward(self) -> float:
-        return float(self.calls)
 
 
 class ScriptedBackend:

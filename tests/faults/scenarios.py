@@ -20,7 +20,7 @@ for _path in (str(TESTS), str(FAULTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from conftest import REPO, hashed_reward, prompt_rows, text_of  # noqa: E402,F401 - REPO is for the tests
+from conftest import REPO, AddEnv, hashed_reward, prompt_rows, text_of  # noqa: E402,F401 - REPO, AddEnv: for the tests
 
 
 # ---------------------------------------------------------------- reward functions
@@ -76,28 +76,6 @@ def pausing_reward(completions, trainer_state=None, **kwargs) -> list[float]:
 
 
 # ---------------------------------------------------------------- environments
-class AddEnv:
-    """One ``add`` tool; rewarded by the number of calls made. Rows with ``bad_row`` true make ``reset`` raise."""
-
-    def reset(self, **row):
-        if row.get("bad_row"):
-            raise KeyError("document_id")
-        self.calls = 0
-
-    def add(self, a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: first number
-            b: second number
-        """
-        self.calls += 1
-        return a + b
-
-    def get_reward(self) -> float:
-        return float(self.calls)
-
-
 RELEASE = threading.Event()  # set by the tests to let abandoned hanging tools finish
 
 
