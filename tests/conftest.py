@@ -1,7 +1,9 @@
-"""Shared fixtures for the trainer tests: tiny local assets, fast CPU configs, a tiny dataset and a varying reward."""
+"""Shared test parts: tiny local assets, fast CPU configs, a tiny dataset, a varying reward, a one-tool environment
+and a scripted rollout policy."""
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -74,6 +76,41 @@ class AddEnv:
 
     def get_reward(self) -> float:
         return float(self.calls)
+
+
+def tool_call(name: str, **arguments) -> str:
+    return f'<call>{json.dumps({"name": name, "arguments": arguments})}</call><|end|>'
+
+
+class ScriptedPolicy:
+    """A rollout backend playing ``first`` as every rollout's first turn and a distinct answer afterwards."""
+
+    def __init__(self, trainer, first: str):
+        self.tokenizer = trainer.processing_class
+        self.assistant_id = self.tokenizer.convert_tokens_to_ids("<|assistant|>")
+        self.first, self.answers = first, 0
+
+    def generate(self, prompts, max_new_tokens):
+        out = []
+        for ids in prompts:
+            if ids.count(self.assistant_id) == 1:  # only the generation prompt: the first turn
+                text = self.first
+            else:
+                self.answers += 1
+                text = f"It is <answer>{self.answers}</answer><|end|>"
+            new = self.tokenizer.encode(text, add_special_tokens=False)
+            out.append((new, [-1.0] * len(new)))
+        return out
+
+
+def scripted(first: str):
+    """A ``make_rollout_func`` replacement whose rollouts use ScriptedPolicy(first) (monkeypatch it in)."""
+    from rlfw.rollout import make_rollout_func
+
+    def factory(env_cls, **kwargs):
+        return make_rollout_func(env_cls, **{**kwargs, "backend": lambda trainer: ScriptedPolicy(trainer, first)})
+
+    return factory
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, AddEnv, hashed_reward, prompt_rows, subprocess_env
+from conftest import REPO, AddEnv, hashed_reward, prompt_rows, scripted, subprocess_env, tool_call
 from mp_worker import parity_run, resume_runs
 
 from rlfw.advantages import AdvantageBatch, AdvantageOutput
@@ -105,35 +105,9 @@ def test_single_column_advantages_reach_every_policy_token(tmp_path, tiny_assets
     assert torch.equal(out["advantages"], expected)
 
 
-class ScriptedBackend:
-    """Turn 0 calls the tool; turn 1 answers with a number that differs per rollout (so rewards vary)."""
-
-    def __init__(self, trainer):
-        self.tokenizer = trainer.processing_class
-        self.assistant_id = self.tokenizer.convert_tokens_to_ids("<|assistant|>")
-        self.answers = 0
-
-    def generate(self, prompts, max_new_tokens):
-        out = []
-        for ids in prompts:
-            if ids.count(self.assistant_id) == 1:  # only the generation prompt: first turn
-                text = '<call>{"name": "add", "arguments": {"a": 2, "b": 3}}</call><|end|>'
-            else:
-                self.answers += 1
-                text = f"It is <answer>{self.answers}</answer><|end|>"
-            new = self.tokenizer.encode(text, add_special_tokens=False)
-            out.append((new, [-1.0] * len(new)))
-        return out
-
-
 def test_per_turn_advantages_reach_policy_tokens_only(tmp_path, tiny_assets, tokenizer, make_config, monkeypatch):
-    from rlfw.rollout import make_rollout_func
-
-    def scripted_rollout_func(env_cls, **kwargs):
-        return make_rollout_func(env_cls, **{**kwargs, "backend": ScriptedBackend})
-
     # RLTrainer builds its rollout function from rlfw.rollout at construction: give it the scripted backend.
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted_rollout_func)
+    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(tool_call("add", a=2, b=3)))
     args = make_config(max_steps=1, max_turns=3, max_completion_length=64)
     trainer = stashing_trainer(tiny_assets, tokenizer, args, estimator=TurnEstimator(), environment_factory=AddEnv)
     trainer.train()

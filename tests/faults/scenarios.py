@@ -20,7 +20,15 @@ for _path in (str(TESTS), str(FAULTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from conftest import REPO, AddEnv, hashed_reward, prompt_rows, text_of  # noqa: E402,F401 - REPO, AddEnv: for the tests
+from conftest import (  # noqa: E402,F401 - REPO, AddEnv, scripted, tool_call: for the tests
+    REPO,
+    AddEnv,
+    hashed_reward,
+    prompt_rows,
+    scripted,
+    text_of,
+    tool_call,
+)
 
 
 # ---------------------------------------------------------------- reward functions
@@ -98,41 +106,6 @@ class FloodingEnv(AddEnv):
             size: number of characters
         """
         return "x" * size
-
-
-def tool_call(name: str, **arguments) -> str:
-    return f'<call>{json.dumps({"name": name, "arguments": arguments})}</call><|end|>'
-
-
-class ScriptedPolicy:
-    """A rollout backend playing ``first`` as every rollout's first turn and a distinct answer afterwards."""
-
-    def __init__(self, trainer, first: str):
-        self.tokenizer = trainer.processing_class
-        self.assistant_id = self.tokenizer.convert_tokens_to_ids("<|assistant|>")
-        self.first, self.answers = first, 0
-
-    def generate(self, prompts, max_new_tokens):
-        out = []
-        for ids in prompts:
-            if ids.count(self.assistant_id) == 1:  # only the generation prompt: the first turn
-                text = self.first
-            else:
-                self.answers += 1
-                text = f"It is <answer>{self.answers}</answer><|end|>"
-            new = self.tokenizer.encode(text, add_special_tokens=False)
-            out.append((new, [-1.0] * len(new)))
-        return out
-
-
-def scripted(first: str):
-    """A ``make_rollout_func`` replacement whose rollouts use ScriptedPolicy(first) (monkeypatch it in)."""
-    from rlfw.rollout import make_rollout_func
-
-    def factory(env_cls, **kwargs):
-        return make_rollout_func(env_cls, **{**kwargs, "backend": lambda trainer: ScriptedPolicy(trainer, first)})
-
-    return factory
 
 
 # ---------------------------------------------------------------- recipe runs
