@@ -1,4 +1,4 @@
-"""Helpers shared by overhead.py, sign_flips.py and learning.py: plotting, number formatting, the repo on sys.path."""
+"""Helpers shared by the benchmarks: plotting, number formatting, the repo on sys.path."""
 
 from __future__ import annotations
 
