@@ -121,8 +121,10 @@ def comparisons() -> dict[str, Comparison]:
             "epo", "calculator",
             "EPO: entropy regularisation with a smoothed history keeps entropy from collapsing or exploding over "
             "long horizons and improves success (arXiv 2509.22576)",
-            (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")), grpo),
-            (("entropy", "policy entropy (nats/token)"), ("reward", "train reward")),
+            (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")),
+             # the paper's lam (1e-3) is sized for 7B models; 20x shows what the entropy term does when it is felt
+             Method("epo lam=0.02", "epo", {**config_kwargs("configs/calculator/epo.yaml"), "lam": 0.02}), grpo),
+            (("entropy", "policy entropy (nats/token)"), ("reward", "train reward"), ("est/history_mean", "entropy history H̄ (epo)")),
             steps=300, eval_every=30),
         Comparison(
             "riskpo", "calculator",
