@@ -19,7 +19,8 @@ each. Ratio = rlfw / TRL of the paired runs; the table gives min / median / max 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` per run; on CPU, the peak resident set size (RSS, sampled by a
 psutil thread every 2 ms) during the timed steps minus the RSS before the trainer was built, after ``gc.collect()``
 and ``malloc_trim`` (tracemalloc would slow the steps several-fold and misses torch's allocator).
-``--profile`` adds one cProfile run per contender and prints where rlfw's extra time goes.
+``--profile`` adds one cProfile run per contender and prints where rlfw's extra time goes. The PNG
+(docs/img/overhead_<device>.png) shows every repeat's ratios.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (sets up sys.path and threads)
 import torch
-from _common import set_threads
+from _common import ROOT, pyplot, save_figure, set_threads
 from _doc import append_result, machine
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -220,6 +220,44 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
 
 
+def ratios(runs: dict[str, list[dict]], key: str) -> list[float]:
+    """rlfw / TRL of ``key`` for each pair of alternating runs."""
+    return [b[key] / a[key] if a[key] > 0 else float("nan") for a, b in zip(runs["trl"], runs["rlfw"], strict=True)]
+
+
+def setting_name(mode: str, args) -> str:
+    return "single-turn (arithmetic)" if mode == "single" else f"multi-turn ({args.turns} turns, BenchEnv)"
+
+
+def plot(results: dict[str, dict[str, list[dict]]], args, to_docs: bool) -> str:
+    """Every repeat's time and memory ratio per setting, with the 1.05 target: docs/img/overhead_<device>.png."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((axes[0], "s_per_step", "time ratio rlfw / TRL"),
+                           (axes[1], "peak_mb", "memory ratio rlfw / TRL")):
+        for i, runs in enumerate(results.values()):
+            values = ratios(runs, key)
+            ax.scatter([i] * len(values), values, alpha=0.6)
+            ax.hlines(statistics.median(values), i - 0.25, i + 0.25, color="black")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        if key == "s_per_step":
+            ax.axhline(1.05, color="red", linestyle="--", linewidth=0.8, label="target 1.05")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(results)), [setting_name(m, args) for m in results], fontsize=8)
+        ax.set_title(f"{label} (each dot a repeat, bar the median)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"overhead on {args.device}: {args.repeats} alternating repeats", fontsize=10)
+    fig.tight_layout()
+    name = f"overhead_{args.device}.png"
+    if to_docs:
+        return save_figure(fig, name)
+    path = ROOT / "outputs" / "bench" / "plots"
+    path.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return str(path / name)
+
+
 def table(results: dict[str, dict[str, list[dict]]], args) -> str:
     memory = "peak GPU memory allocated (MB)" if args.device == "cuda" else "peak RSS increase (MB)"
     lines = [f"| setting | TRL s/step (median) | rlfw s/step (median) | time ratio rlfw/TRL min / median / max | "
@@ -227,11 +265,9 @@ def table(results: dict[str, dict[str, list[dict]]], args) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for mode, runs in results.items():
         trl, rlfw = runs["trl"], runs["rlfw"]
-        time_ratio = [b["s_per_step"] / a["s_per_step"] for a, b in zip(trl, rlfw, strict=True)]
-        mem_ratio = [b["peak_mb"] / a["peak_mb"] if a["peak_mb"] > 0 else float("nan")
-                     for a, b in zip(trl, rlfw, strict=True)]
+        time_ratio, mem_ratio = ratios(runs, "s_per_step"), ratios(runs, "peak_mb")
         same = all(a["tokens"] == b["tokens"] for a, b in zip(trl, rlfw, strict=True))
-        name = "single-turn (arithmetic)" if mode == "single" else f"multi-turn ({args.turns} turns, BenchEnv)"
+        name = setting_name(mode, args)
         lines.append(
             f"| {name} | {statistics.median(r['s_per_step'] for r in trl):.4f} | "
             f"{statistics.median(r['s_per_step'] for r in rlfw):.4f} | {spread(time_ratio)} | "
@@ -307,7 +343,8 @@ def main() -> None:
     tokenizer = load_tokenizer(model_path)
     results = {mode: measure(mode, model_path, tokenizer, args) for mode in args.modes}
     text = table(results, args)
-    print(text)
+    image = plot(results, args, to_docs=not args.no_write)
+    print(f"{text}\nplot: {image}")
     profiles = [profile(mode, model_path, tokenizer, args) for mode in args.modes] if args.profile else []
     for p in profiles:
         print(p)
@@ -324,7 +361,8 @@ def main() -> None:
             f"(single) / "
             f"{args.multi_max_completion_length} (multi, {args.turns} forced turns). "
             f"Each run: fresh trainer, {args.warmup_steps} untimed + {args.steps} timed steps; {args.repeats} "
-            f"alternating repeats after one warm-up run each; {time.time() - start:.0f} s in all.\n\n{text}\n")
+            f"alternating repeats after one warm-up run each; {time.time() - start:.0f} s in all.\n\n{text}\n\n"
+            f"![overhead]({image})\n")
     if profiles:
         body += "\n```\n" + "\n\n".join(profiles) + "\n```\n"
     append_result("Overhead: RLTrainer(grpo) vs TRL GRPOTrainer",
