@@ -156,3 +156,21 @@ def subprocess_env(tmp_path) -> dict[str, str]:
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def run_two_ranks(launcher: list[str], worker_args: list[str], tmp_path, out: Path, timeout: int = 300) -> list[dict]:
+    """Run ``launcher + worker_args`` (a 2-process launch), check it succeeded with 2 ranks, and return each rank's
+    ``out/rank<r>.json`` record."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", *launcher, *worker_args]
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2], "the launch did not start 2 processes"
+    return ranks
+
+
+TORCHRUN_2 = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

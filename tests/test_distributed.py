@@ -8,14 +8,11 @@ replays the completions the 2 processes generated, then both must end with the s
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_two_ranks
 from distributed_worker import StepRecorder, build
 
 TESTS = Path(__file__).resolve().parent
@@ -36,13 +33,9 @@ class Replay(StepRecorder):
 def test_two_process_step_equals_one_process_step(tmp_path, tiny_assets):
     out = tmp_path / "mp"
     # Launched with the shipped accelerate config, which must start 2 processes (a wrong one silently starts 1).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
-               str(TESTS / "distributed_worker.py"), "--assets", tiny_assets, "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    ranks = run_two_ranks(["accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU)],
+                          [str(TESTS / "distributed_worker.py"), "--assets", tiny_assets, "--out", str(out)],
+                          tmp_path, out)
     (first,), (second,) = ranks[0]["generated"], ranks[1]["generated"]
     assert first["prompt_ids"][0] == second["prompt_ids"][0], "one group, split across the two processes"
 

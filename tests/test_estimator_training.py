@@ -15,15 +15,12 @@ Exact resume of the stateful estimator (epo) after 2 of 4 steps is tested in tes
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fast_config, subprocess_env
+from conftest import TORCHRUN_2, fast_config, run_two_ranks
 from mp_worker import ESTIMATOR_CONFIGS, ConfigRunTrainer, config_run, from_jsonable
 
 from rlfw import probes
@@ -202,13 +199,8 @@ def test_igpo_without_an_answer_column_fails_before_the_model_loads(tmp_path):
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_advantages(tmp_path, tiny_assets):
     out = tmp_path / "mp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(TESTS / "mp_worker.py"), "--assets", tiny_assets, "--out", str(out), "--scenario", "estimators"]
-    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    ranks = run_two_ranks(TORCHRUN_2, [str(TESTS / "mp_worker.py"), "--assets", tiny_assets, "--out", str(out),
+                                       "--scenario", "estimators"], tmp_path, out, timeout=400)
     for name in ESTIMATORS:
         runs = [from_jsonable(rank["estimators"][name]) for rank in ranks]
         assert _equal(runs[0]["steps"], runs[1]["steps"]), f"{name}: the processes saw different batches"

@@ -8,13 +8,11 @@ the recipe), LoRA, offline wandb.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, AddEnv, hashed_reward, prompt_rows, scripted, subprocess_env, tool_call
+from conftest import TORCHRUN_2, AddEnv, hashed_reward, prompt_rows, run_two_ranks, scripted, tool_call
 from mp_worker import parity_run, resume_runs
 
 from rlfw.advantages import AdvantageBatch, AdvantageOutput
@@ -197,13 +195,8 @@ def test_recipe_resume_true_picks_latest_checkpoint(tmp_path, tiny_assets, monke
 @pytest.mark.slow
 def test_two_processes_parity_and_exact_resume(tmp_path, tiny_assets):
     out = tmp_path / "mp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(TESTS / "mp_worker.py"), "--assets", tiny_assets, "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+    ranks = run_two_ranks(TORCHRUN_2, [str(TESTS / "mp_worker.py"), "--assets", tiny_assets, "--out", str(out)],
+                          tmp_path, out)
     # Parity: each process holds 2 of a group's 4 completions; TRL's and rlfw's advantages agree per process.
     for rank in ranks:
         assert len(rank["parity"]) == 3
