@@ -1,6 +1,6 @@
 """Do the estimators do, on our environments and a small local model, what their papers claim? Seeds, mean ± std.
 
-    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,epo,riskpo,gated,stratified,igpo,all}
+    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,epo,riskpo,gated,stratified,stratified_calculator,igpo,all}
         [--seeds 3] [--steps N] [--workers 2] [--quick] [--no-write]
 
 Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/ and keyed by its
@@ -153,6 +153,15 @@ def comparisons() -> dict[str, Comparison]:
             (("tool_calls", "searches per episode"), ("est/singleton_strata_frac", "singleton strata"),
              ("reward", "train reward (F1)")),
             steps=100, eval_every=20, eval_size=30, samples=2, prompts_per_step=2),
+        Comparison(
+            "stratified_calculator", "calculator",
+            "Stratified GRPO, second setting: the calculator warm start answers half the prompts without the tool, so "
+            "groups mix 0-call and 1-call episodes whose success rates differ; stratification compares each only "
+            "within its stratum (arXiv 2510.06214)",
+            (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
+            (("tool_calls", "tool calls per episode"), ("est/singleton_strata_frac", "singleton strata"),
+             ("reward", "train reward")),
+            steps=150, eval_every=15),
         Comparison(
             "igpo", "search_qa",
             "IGPO: turn-level information gain gives signal when a group's outcomes tie, improving multi-hop "
