@@ -1,6 +1,7 @@
 """Do the estimators do, on our environments and a small local model, what their papers claim? Seeds, mean ± std.
 
-    OMP_NUM_THREADS=1 python bench/learning.py --comparison {median,epo,riskpo,gated,stratified,stratified_calculator,igpo,all}
+    OMP_NUM_THREADS=1 python bench/learning.py
+        --comparison {median,epo,riskpo,gated,stratified,stratified_calculator,igpo,all}
         [--seeds 3] [--steps N] [--workers 2] [--quick] [--no-write]
 
 Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/ and keyed by its
