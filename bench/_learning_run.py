@@ -89,3 +89,24 @@ def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature:
         best = [max(rewards[i:i + samples]) for i in range(0, len(rewards), samples)]
         out[f"pass@{samples}"] = sum(best) / len(best)
     return out
+
+
+def _closeness(text: str, row: dict) -> float:
+    """Partial credit in [0, 1]: exp(-|x - gold| / (1 + |gold|)) for the final answer's number x, else 0."""
+    from rlfw.rewards import extract_answer
+
+    try:
+        x, gold = float((extract_answer(text) or "").replace(",", "")), float(row["answer"])
+    except ValueError:
+        return 0.0
+    return math.exp(-abs(x - gold) / (1.0 + abs(gold))) if math.isfinite(x) else 0.0
+
+
+def closeness():
+    """The partial-credit reward function (added to the environment's 0/1 reward: continuous rewards)."""
+    from envs.episode import reward_function
+
+    return reward_function("closeness", _closeness)
+
+
+EXTRA_REWARDS = {"closeness": closeness}

@@ -1,7 +1,7 @@
 """Do the estimators do, on our environments and a small local model, what their papers claim? Seeds, mean ± std.
 
     OMP_NUM_THREADS=1 python bench/learning.py
-        --comparison {median,epo,riskpo,gated,stratified,stratified_calculator,igpo,all}
+        --comparison {median,median_partial,epo,riskpo,gated,stratified,stratified_calculator,igpo,all}
         [--seeds 3] [--steps N] [--workers 2] [--quick] [--no-write]
 
 Per environment, one supervised warm start (seed-independent, cached under outputs/bench/warm/ and keyed by its
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import _common
 from _learning_report import PRIMARY, plot, report
-from _learning_run import Recorder, episodes_eval
+from _learning_run import EXTRA_REWARDS, Recorder, episodes_eval
 
 OUT = _common.ROOT / "outputs" / "bench"
 
@@ -98,6 +98,7 @@ class Comparison:
     samples: int = 4  # sampled episodes per held-out prompt (T=1) for sampled accuracy (pass@1)
     pass_k: bool = False  # also report pass@samples
     min_hops: int = 0  # search_qa: keep only questions with at least this many hops
+    extra_rewards: tuple[str, ...] = ()  # _learning_run.EXTRA_REWARDS added to the environment's reward in training
 
 
 def config_kwargs(path: str) -> dict:
@@ -118,6 +119,14 @@ def comparisons() -> dict[str, Comparison]:
              Method("grpo G=2", "grpo", {}, 2), Method("grpo G=8", "grpo", {}, 8)),
             (("reward", "train reward"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups")),
             steps=150, eval_every=15),
+        Comparison(
+            "median_partial", "calculator",
+            "MC-GRPO, second setting: the same runs with a continuous training reward (0/1 correctness + partial "
+            "credit exp(-|x - gold| / (1 + |gold|))), where a mean baseline can get signs wrong (arXiv 2601.22582)",
+            (Method("median n=3", "median", config_kwargs("configs/calculator/median.yaml"), 3),
+             Method("grpo G=2", "grpo", {}, 2), Method("grpo G=8", "grpo", {}, 8)),
+            (("reward", "train reward (0-2)"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups")),
+            steps=150, eval_every=15, extra_rewards=("closeness",)),
         Comparison(
             "epo", "calculator",
             "EPO: entropy regularisation with a smoothed history keeps entropy from collapsing or exploding over "
@@ -329,7 +338,8 @@ def _train(job: dict) -> dict:
         lr_scheduler_type="constant", temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no",
         report_to="none", gradient_checkpointing=False, dataloader_pin_memory=False, disable_tqdm=True,
         seed=job["seed"])
-    trainer = RLTrainer(model=model_path, args=config, estimator=estimator, train_dataset=train_rows(comp, spec),
+    trainer = RLTrainer(model=model_path, reward_funcs=[EXTRA_REWARDS[name]() for name in comp.extra_rewards],
+                        args=config, estimator=estimator, train_dataset=train_rows(comp, spec),
                         processing_class=tokenizer, callbacks=[Evaluate()])
     trainer.remove_callback(PrinterCallback)
     try:
@@ -475,6 +485,8 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
         f"prompts, greedy, every {results[0]['eval_every'] if results else comp.eval_every} steps"
         + f"; sampled accuracy = pass@1 from {comp.samples} episodes per prompt at T=1"
         + (f", pass@{comp.samples} from the same episodes" if comp.pass_k else "")
+        + (f". Training reward: the environment's + {', '.join(comp.extra_rewards)} (held-out metrics use the "
+           "environment's alone)" if comp.extra_rewards else "")
         + ". Estimator options: "
         + "; ".join(f"{m.label}: `{m.estimator}` {json.dumps(m.kwargs)}" for m in comp.methods)
         + f". Sum of run times {seconds / 60:.1f} min.\n\n{table}\n\n![{comp.name}]({image})\n\n"
