@@ -39,6 +39,17 @@ def save_figure(fig, name: str) -> str:
     return f"img/{name}"
 
 
+def save_plot(fig, name: str, to_docs: bool) -> str:
+    """``save_figure`` when the run writes the docs; else outputs/bench/plots/<name> (its path returned)."""
+    if to_docs:
+        return save_figure(fig, name)
+    path = ROOT / "outputs" / "bench" / "plots"
+    path.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path / name, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return str(path / name)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (0 for a single value); NaNs are ignored."""
     vals = [v for v in values if v is not None and not math.isnan(v)]

@@ -182,10 +182,4 @@ def plot(comp: Comparison, results: list[dict], name: str, to_docs: bool) -> str
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{comp.name} on {comp.env}: mean ± std over seeds", fontsize=10)
     fig.tight_layout()
-    if not to_docs:
-        path = _common.ROOT / "outputs" / "bench" / "plots"
-        path.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path / f"{name}.png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return str(path / f"{name}.png")
-    return _common.save_figure(fig, f"{name}.png")
+    return _common.save_plot(fig, f"{name}.png", to_docs)

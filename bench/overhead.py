@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, pyplot, save_figure, set_threads
+from _common import pyplot, save_plot, set_threads
 from _doc import append_result, machine
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -248,14 +248,7 @@ def plot(results: dict[str, dict[str, list[dict]]], args, to_docs: bool) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(f"overhead on {args.device}: {args.repeats} alternating repeats", fontsize=10)
     fig.tight_layout()
-    name = f"overhead_{args.device}.png"
-    if to_docs:
-        return save_figure(fig, name)
-    path = ROOT / "outputs" / "bench" / "plots"
-    path.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path / name, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return str(path / name)
+    return save_plot(fig, f"overhead_{args.device}.png", to_docs)
 
 
 def table(results: dict[str, dict[str, list[dict]]], args) -> str:

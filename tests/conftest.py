@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -161,9 +163,6 @@ def subprocess_env(tmp_path) -> dict[str, str]:
 def run_two_ranks(launcher: list[str], worker_args: list[str], tmp_path, out: Path, timeout: int = 300) -> list[dict]:
     """Run ``launcher + worker_args`` (a 2-process launch), check it succeeded with 2 ranks, and return each rank's
     ``out/rank<r>.json`` record."""
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", *launcher, *worker_args]
     proc = subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
                           timeout=timeout)
