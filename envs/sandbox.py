@@ -1,23 +1,27 @@
-"""Run untrusted Python code in a separate, resource-limited process.
+"""Run untrusted Python code in a bubblewrap sandbox: a program's own kernel namespaces, limits and identity.
 
-Layers, each of which is enough to stop the common escapes on its own where the host allows it:
+Every program is treated as hostile. Per run, ``bwrap`` (bubblewrap) starts the interpreter with:
 
-- resource limits set first thing in the child's interpreter (not in a ``preexec_fn``, which can deadlock when
-  tool calls of several rollouts run in threads): ``RLIMIT_CPU`` (CPU seconds), ``RLIMIT_AS`` (address space),
-  ``RLIMIT_FSIZE`` (largest file it may write, which also bounds stdout/stderr because they go to files) and
-  ``RLIMIT_NPROC`` (process count);
-- a wall-clock timeout that kills the child's whole process group (it starts in a new session);
-- Linux namespaces via ``unshare --net --pid --fork --kill-child`` when the host permits it (probed once): no network
-  interface but a downed loopback, and every process of the run dies with the namespace's init;
-- when the parent runs as root, the child drops to ``nobody`` so ``RLIMIT_NPROC`` and file permissions apply
-  (root ignores both), provided that user can run the interpreter;
-- an audit hook (PEP 578) installed before the user code runs that refuses sockets, new processes, ``ctypes``,
-  writes, renames and deletes outside the private working directory, and reads of other processes' ``/proc`` files;
-- a private temporary working directory, deleted afterwards, and a scrubbed environment (only PATH, LANG, HOME,
-  TMPDIR; nothing from the parent's environment).
+- new mount, PID, IPC, UTS, network, user and cgroup namespaces (``--unshare-all``); no further user namespaces
+  inside (``--disable-userns``); ``--die-with-parent`` and ``--new-session`` (no terminal to inject input into);
+- a root that is an empty read-only tmpfs holding read-only binds of ``/usr`` (and the interpreter's prefix when it
+  lives elsewhere) and nothing else of the host: no ``/tmp``, ``/dev/shm``, ``/home``, ``/etc``, sockets; a fresh
+  ``/proc`` of its own PID namespace, a minimal ``/dev``, and a private size-limited tmpfs as working directory
+  (``/sandbox``, also ``/tmp``), so its files vanish with its mount namespace;
+- an environment cleared and rebuilt from an allow-list (PATH, HOME, TMPDIR, LANG, PYTHONIOENCODING);
+- a distinct unprivileged uid per run: when the parent is root, bwrap itself runs as a uid drawn from a pool no
+  account uses, so even the kernel's view of the run is unprivileged; otherwise the parent's uid, mapped inside;
+- ``setrlimit`` for CPU seconds, address space, file size, open files and processes, set by a small bootstrap
+  before the program runs; and where the host allows it a cgroup (``envs._cgroup``) bounding the memory and
+  process count of all of the run's processes together.
 
-The audit hook is a tripwire, not a security boundary: code that can corrupt interpreter memory can bypass it. The
-namespaces, the unprivileged user and the resource limits are what hold against such code.
+The parent never touches the run's filesystem: the program goes in through a memfd, stdout/stderr come back through
+pipes it holds, read without blocking up to a byte cap and a wall-clock deadline, after which the run is killed.
+When bwrap's PID 1 dies, the kernel kills every process of the namespace, so nothing of a run outlives it. A failure
+on the parent's side becomes ``SandboxResult.error``, never an exception.
+
+Without bwrap, or where it cannot create namespaces, :func:`check_sandbox` raises :class:`SandboxUnavailable` naming
+the fix. ``RLFW_UNSAFE_NO_SANDBOX=1`` runs code without isolation (trusted code only), loudly.
 """
 
 from __future__ import annotations
@@ -25,106 +29,97 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pwd
+import random
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 
-NOBODY = "nobody"
-REFUSAL_MARKER = "PermissionError: sandbox:"
+from envs import _cgroup
+from envs._supervise import Collected, collect_output
+
+UNSAFE_ENV = "RLFW_UNSAFE_NO_SANDBOX"
 CPU_ACCOUNTING_SLACK_S = 0.1  # rusage can report slightly less CPU time than the kernel's limit check counted
-UNSHARE_ARGS = ["--net", "--pid", "--fork", "--kill-child"]
+MEMORY_ERROR_EXIT = 247  # the bootstrap's exit status for an uncaught MemoryError
+FILE_SIZE_EXIT = 246  # ... and for an uncaught OSError EFBIG (Python ignores SIGXFSZ)
+SIGNAL_EXIT_BASE = 128  # bwrap exits 128 + N when the program is killed by signal N
+SANDBOX_PROCESSES = 3  # bwrap's monitor and PID 1 plus the gate shell, counted by the cgroup's process limit
+UID_POOL = (1_500_000_000, 1_000_000)  # (first uid, size): far above any account or subordinate-uid range
+WORKDIR = "/sandbox"
+INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")  # tried after our own base interpreter
+CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG": "C.UTF-8",
+             "PYTHONIOENCODING": "utf-8"}
+# Waits for the parent to move it into the run's cgroup (a line on its stdin), then becomes bwrap.
+CGROUP_GATE = 'read -r _ && exec "$@"'
 
-# Runs in the child before the user's code: optional privilege drop, then the audit hook, then the code itself.
+# Runs in the sandbox before the program: limits, then the program, with exit statuses made unambiguous.
 BOOTSTRAP = r'''
-import os, sys, resource
-root, uid, main = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cpu, memory, fsize, nproc = (int(x) for x in sys.argv[4:8])
-for limit, value in ((resource.RLIMIT_CPU, (cpu, cpu)), (resource.RLIMIT_AS, (memory, memory)),
-                     (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_NPROC, (nproc, nproc)),
-                     (resource.RLIMIT_CORE, (0, 0))):
-    resource.setrlimit(limit, value)
-if uid >= 0 and os.geteuid() == 0:
-    try:
-        os.setgroups([]); os.setgid(uid); os.setuid(uid)
-    except OSError:
-        pass
-root = os.path.realpath(root)
-own_proc = ("/proc/self/", "/proc/thread-self/", os.path.realpath("/proc/self") + "/")
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.replace": (0, 1),
-               "os.link": (0, 1), "os.symlink": (0, 1), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,),
-               "os.utime": (0,), "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.move": (1,)}
-REFUSED = ("socket.", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "os.kill",
-           "os.killpg", "subprocess.", "ctypes.", "pty.", "os.startfile", "sys.remote_exec")
-
-def _resolve(path, dir_fd=None):
-    if isinstance(path, int):
-        return None
-    path = os.fsdecode(path)
-    if not os.path.isabs(path):
-        base = os.readlink(f"/proc/self/fd/{dir_fd}") if isinstance(dir_fd, int) else os.getcwd()
-        path = os.path.join(base, path)
-    return os.path.realpath(path)
-
-def _inside(path):
-    return path is None or path == root or path.startswith(root + os.sep)
-
-def _hook(event, args):
-    if event.startswith(REFUSED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open":
-        path = _resolve(args[0])
-        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
-        mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-        writes = bool(flags & WRITE_FLAGS) or any(c in mode for c in "wax+")
-        if writes and not _inside(path):
-            raise PermissionError(f"sandbox: writing {path} (outside the working directory) is not allowed")
-        if path and path.startswith("/proc/") and not path.startswith(own_proc) and path.count("/") > 2:
-            raise PermissionError(f"sandbox: reading {path} is not allowed")
-    elif event in PATH_EVENTS:
-        dir_fd = args[-1] if args and isinstance(args[-1], int) and event in ("os.remove", "os.rmdir") else None
-        for i in PATH_EVENTS[event]:
-            if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)) and not _inside(_resolve(args[i], dir_fd)):
-                raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
-
-sys.addaudithook(_hook)
+import os, resource, sys
+cpu, memory, fsize, nofile, nproc, memory_exit, file_size_exit, stdin_fd = (int(x) for x in sys.argv[1:9])
+if stdin_fd >= 0:  # the program's stdin arrives as another descriptor when fd 0 was the parent's start signal
+    os.dup2(stdin_fd, 0)
+    os.close(stdin_fd)
+# CPU: SIGXCPU at the soft limit tells the parent why; SIGKILL a second later if the program ignores it.
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, nofile),
+                     (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+main = os.path.abspath("main.py")
 sys.argv = [main]
-sys.path.insert(0, root)
-with open(main, encoding="utf-8") as f:
+sys.path.insert(0, os.getcwd())
+with open(main, "rb") as f:
     source = f.read()
 namespace = {"__name__": "__main__", "__file__": main, "__builtins__": __builtins__}
 try:
     exec(compile(source, main, "exec"), namespace)
-except SystemExit:
-    raise
+except SystemExit as exc:
+    code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    raise SystemExit(0 if not code else (code & 0xFF) or 1) from None  # sys.exit(256) must not read as success
 except BaseException as exc:
-    import traceback
-    traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+    try:
+        import traceback
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(memory_exit if isinstance(exc, MemoryError) else
+                 file_size_exit if getattr(exc, "errno", None) == 27 else 1)  # 27: EFBIG
 '''
+
+
+class SandboxUnavailable(RuntimeError):
+    """This host cannot run the sandbox; the message says what to install or change."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits of one run. Units: seconds, megabytes, bytes, processes."""
+    """Resource limits of one run. Units: seconds, megabytes, bytes, processes, characters."""
 
     wall_seconds: float = 5.0
     cpu_seconds: int = 2
-    memory_mb: int = 512
+    memory_mb: int = 512  # per process (address space) and, with a cgroup, for all of the run's processes together
     file_size_bytes: int = 8 * 1024 * 1024
     max_processes: int = 32
-    max_output_chars: int = 4000
+    max_open_files: int = 256
+    disk_mb: int = 64  # the private working directory's tmpfs
+    max_output_bytes: int = 1024 * 1024  # stdout + stderr; the run is stopped when it writes more
+    max_output_chars: int = 4000  # per stream, in the result
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
-    """What a run produced. ``killed_reason`` is None for a normal exit, else why the process was stopped."""
+    """What a run produced. ``killed_reason`` is None for a normal exit, else why the process was stopped.
+
+    ``error`` is set when the sandbox itself failed (the run says nothing about the code): score it as unscorable.
+    """
 
     stdout: str
     stderr: str
@@ -132,165 +127,283 @@ class SandboxResult:
     timed_out: bool
     killed_reason: str | None
     duration_s: float
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and self.killed_reason is None
-
-    @property
-    def refused(self) -> bool:
-        """Whether the audit hook refused an operation (the error may have been caught by the code)."""
-        return REFUSAL_MARKER in self.stderr
+        return self.returncode == 0 and self.killed_reason is None and self.error is None
 
 
-@functools.cache
-def namespace_prefix() -> tuple[str, ...]:
-    """The ``unshare`` command prefix that works on this host, or () when namespaces are unavailable."""
-    exe = shutil.which("unshare")
-    if exe is None:
-        return ()
-    candidates = [[exe, *UNSHARE_ARGS]]
-    if os.geteuid() != 0:
-        candidates.append([exe, "--user", "--map-root-user", *UNSHARE_ARGS])
-    for prefix in candidates:
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, env=_child_env("/tmp"))
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return tuple(prefix)
-    return ()
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """How this host runs the sandbox: bwrap's path and the interpreter inside (bwrap None: unsafe mode)."""
+
+    bwrap: str | None
+    python: str
+    cgroups: bool
 
 
-@functools.cache
-def interpreter() -> tuple[str, int]:
-    """The Python executable for the child and the uid to drop to (-1: keep ours).
+class _UidPool:
+    """Distinct uids for concurrent runs of this process, drawn at random so that other processes rarely collide."""
 
-    As root we drop to ``nobody``, so we need an interpreter that user can start: ours if it can, else the
-    system's ``python3`` (a virtual environment under a private home directory often is not reachable).
-    """
-    if os.geteuid() != 0:
-        return sys.executable, -1
-    try:
-        uid = pwd.getpwnam(NOBODY).pw_uid
-    except KeyError:
-        return sys.executable, -1
-    candidates = [sys.executable, shutil.which("python3", path=_child_env("/tmp")["PATH"])]
-    for exe in filter(None, candidates):
-        try:
-            probe = subprocess.run(
-                [exe, "-I", "-S", "-c", "pass"], capture_output=True, timeout=10, env=_child_env("/tmp"),
-                user=uid, group=uid, extra_groups=[],
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return exe, uid
-    return sys.executable, -1
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: set[int] = set()
+
+    def take(self) -> int:
+        with self._lock:
+            while True:
+                uid = UID_POOL[0] + random.randrange(UID_POOL[1])
+                if uid not in self._used:
+                    self._used.add(uid)
+                    return uid
+
+    def give_back(self, uid: int) -> None:
+        with self._lock:
+            self._used.discard(uid)
 
 
-def _child_env(workdir: str) -> dict[str, str]:
-    """A minimal environment built from scratch; nothing of the parent's is passed on."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-            "PYTHONIOENCODING": "utf-8"}
+_uids = _UidPool()
+_backend_lock = threading.Lock()
 
 
-def _count_processes(uid: int) -> int:
-    """Processes (threads included, as RLIMIT_NPROC counts them) that ``uid`` already runs."""
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    count += len(os.listdir(f"/proc/{entry}/task"))
-            except OSError:
-                continue
-    return count
+def _bind_args(python: str) -> list[str]:
+    """Read-only binds of what the interpreter needs: /usr, the merged-/usr links, and its prefix if elsewhere."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64"):
+        path = f"/{name}"
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    if prefix != "/" and not (prefix + "/").startswith("/usr/"):
+        args += ["--ro-bind", prefix, prefix]
+    return args
 
 
-def _killed_reason(returncode: int, timed_out: bool, cpu_exhausted: bool, stderr: str) -> str | None:
-    if timed_out:
-        return "timeout"
-    if returncode == 0:
+def _bwrap_command(backend: Backend, uid: int, limits: SandboxLimits, code_fd: int, info_fd: int,
+                   stdin_fd: int) -> list[str]:
+    env = [arg for key, value in CHILD_ENV.items() for arg in ("--setenv", key, value)]
+    rlimits = [limits.cpu_seconds, limits.memory_mb * 1024 * 1024, limits.file_size_bytes, limits.max_open_files,
+               limits.max_processes, MEMORY_ERROR_EXIT, FILE_SIZE_EXIT, stdin_fd]
+    return [
+        backend.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--uid", str(uid), "--gid", str(uid), "--hostname", "sandbox", "--clearenv", *env,
+        *_bind_args(backend.python), "--proc", "/proc", "--dev", "/dev",
+        "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+        "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", WORKDIR, "--symlink", WORKDIR, "/tmp",
+        "--file", str(code_fd), f"{WORKDIR}/main.py", "--chdir", WORKDIR, "--remount-ro", "/",
+        "--info-fd", str(info_fd),
+        "--", backend.python, "-I", "-S", "-B", "-c", BOOTSTRAP, *map(str, rlimits),
+    ]
+
+
+def _unsafe_command(backend: Backend, limits: SandboxLimits) -> list[str]:
+    # RLIMIT_NPROC counts all of this user's processes here, so the run keeps the parent's limit.
+    rlimits = [limits.cpu_seconds, limits.memory_mb * 1024 * 1024, limits.file_size_bytes, limits.max_open_files,
+               resource.getrlimit(resource.RLIMIT_NPROC)[0], MEMORY_ERROR_EXIT, FILE_SIZE_EXIT, -1]
+    return [backend.python, "-I", "-S", "-B", "-c", BOOTSTRAP, *map(str, rlimits)]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _probe(backend: Backend) -> str | None:
+    """None if ``backend`` runs a program and returns its output, else what went wrong."""
+    result = _run(backend, "print(6 * 7)", SandboxLimits(wall_seconds=20, cpu_seconds=5), "")
+    if result.stdout == "42\n" and result.ok:
         return None
-    if cpu_exhausted:
-        return "cpu_limit"
-    signum = -returncode if returncode < 0 else 0
-    if signum == signal.SIGXFSZ:
-        return "file_size_limit"
-    if signum > 0:
-        return f"signal {signal.Signals(signum).name}"
-    if "MemoryError" in stderr:
-        return "memory_limit"
-    if "File too large" in stderr:
-        return "file_size_limit"
-    return None
+    return (result.error or result.stderr or f"exit status {result.returncode}").strip()[-500:]
 
 
-def _read(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    text = data.decode("utf-8", errors="replace")
-    return text if len(text) <= limit else text[:limit] + "\n...[truncated]"
+@functools.cache
+def _find_backend() -> Backend:
+    if os.environ.get(UNSAFE_ENV) == "1":
+        warnings.warn(f"{UNSAFE_ENV}=1: model-written code runs WITHOUT a sandbox, as this user, with this machine's "
+                      "files and network. Use only with trusted code.", RuntimeWarning, stacklevel=3)
+        print(f"WARNING: {UNSAFE_ENV}=1, code runs unsandboxed", file=sys.stderr)
+        return Backend(None, sys.executable, False)
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(
+            "envs.sandbox needs bubblewrap to run model-written code: install it (Debian/Ubuntu: "
+            "`apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`), or, for trusted code only, set "
+            f"{UNSAFE_ENV}=1.")
+    cgroups = bool(_cgroup.parents())
+    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)), *INTERPRETERS]
+    errors = []
+    for python in dict.fromkeys(p for p in candidates if os.path.exists(p)):
+        backend = Backend(bwrap, python, cgroups)
+        error = _probe(backend)
+        if error is None:
+            return backend
+        errors.append(f"{python}: {error}")
+    raise SandboxUnavailable(
+        "bubblewrap cannot start a sandbox here:\n  " + "\n  ".join(errors) + "\nIt needs unprivileged user "
+        "namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ also "
+        "kernel.apparmor_restrict_unprivileged_userns=0; in Docker run with --security-opt seccomp=unconfined "
+        "--security-opt apparmor=unconfined --security-opt systempaths=unconfined) and a Python interpreter "
+        f"that any user can read (as root: one of {', '.join(INTERPRETERS)}). For trusted code only, set "
+        f"{UNSAFE_ENV}=1.")
+
+
+def check_sandbox() -> Backend:
+    """The sandbox this host provides, probed once; raises :class:`SandboxUnavailable` with the fix if none."""
+    with _backend_lock:
+        return _find_backend()
 
 
 def run_code(code: str, limits: SandboxLimits | None = None, stdin: str = "") -> SandboxResult:
     """Run ``code`` as a fresh Python program in the sandbox and return what it printed and how it ended."""
-    limits = limits or SandboxLimits()
-    exe, uid = interpreter()
-    workdir = tempfile.mkdtemp(prefix="rlfw-sandbox-")
+    return _run(check_sandbox(), code, limits or SandboxLimits(), stdin)
+
+
+def _run(backend: Backend, code: str, limits: SandboxLimits, stdin: str) -> SandboxResult:
+    start = time.monotonic()
     try:
-        main = os.path.join(workdir, "main.py")
-        with open(main, "w", encoding="utf-8") as f:
-            f.write(code)
-        if uid >= 0:
-            os.chown(workdir, uid, uid)
-            os.chown(main, uid, uid)
-        # The child writes its output to files bounded by RLIMIT_FSIZE, so a print flood cannot fill our memory.
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
-        nproc = _count_processes(uid if uid >= 0 else os.getuid()) + limits.max_processes
-        limit_args = [limits.cpu_seconds, limits.memory_mb * 1024 * 1024, limits.file_size_bytes, nproc]
-        cmd = [*namespace_prefix(), exe, "-I", "-S", "-B", "-c", BOOTSTRAP, workdir, str(uid), main,
-               *map(str, limit_args)]
-        start = time.monotonic()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
-                cmd, cwd=workdir, env=_child_env(workdir), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True,
-            )
-            timed_out, cpu_time = _wait(proc, stdin, limits.wall_seconds)
-        duration = time.monotonic() - start
-        stderr = _read(err_path, limits.max_output_chars)
-        return SandboxResult(
-            stdout=_read(out_path, limits.max_output_chars), stderr=stderr, returncode=proc.returncode,
-            timed_out=timed_out, killed_reason=_killed_reason(proc.returncode, timed_out, cpu_time >= limits.cpu_seconds - CPU_ACCOUNTING_SLACK_S, stderr),
-            duration_s=duration,
-        )
+        if backend.bwrap is None:
+            return _run_unsafe(backend, code, limits, stdin, start)
+        return _run_bwrap(backend, code, limits, stdin, start)
+    except Exception as err:  # noqa: BLE001 - a failing sandbox must not stop training; the caller scores it None
+        return SandboxResult("", "", -1, False, None, time.monotonic() - start,
+                             error=f"sandbox failed: {type(err).__name__}: {err}")
+
+
+def _run_bwrap(backend: Backend, code: str, limits: SandboxLimits, stdin: str, start: float) -> SandboxResult:
+    uid = _uids.take() if os.geteuid() == 0 else os.getuid()
+    fds: list[int] = []
+    cgroup = proc = None
+    try:
+        code_fd = _memfd("main.py", code.encode("utf-8", "surrogatepass"))
+        stdin_fd = _memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
+        fds += [code_fd, stdin_fd]
+        info_r, info_w = os.pipe()
+        fds += [info_r, info_w]
+        cmd = _bwrap_command(backend, uid, limits, code_fd, info_w, stdin_fd)
+        gate = subprocess.DEVNULL
+        if backend.cgroups:
+            cgroup = _cgroup.RunCgroup(limits.memory_mb * 1024 * 1024, limits.max_processes + SANDBOX_PROCESSES)
+            gate, gate_w = os.pipe()
+            fds += [gate, gate_w]
+            cmd = ["/bin/sh", "-c", CGROUP_GATE, "sh", *cmd]
+        proc, out_r, err_r = _spawn(cmd, gate, [code_fd, info_w, stdin_fd], uid if os.geteuid() == 0 else None, None)
+        fds += [out_r, err_r]
+        if cgroup is not None:
+            cgroup.add(proc.pid)
+            os.write(gate_w, b"go\n")
+        os.close(info_w)
+        fds.remove(info_w)
+        seen = collect_output(proc, out_r, err_r, info_r, limits.max_output_chars, limits.max_output_bytes,
+                              start + limits.wall_seconds)
+        return _result(seen, limits, cgroup is not None and cgroup.memory_exhausted(), True, start)
     finally:
+        _cleanup(proc, fds)
+        if cgroup is not None:
+            cgroup.close()
+        if os.geteuid() == 0:
+            _uids.give_back(uid)
+
+
+def _run_unsafe(backend: Backend, code: str, limits: SandboxLimits, stdin: str, start: float) -> SandboxResult:
+    """No isolation (``RLFW_UNSAFE_NO_SANDBOX=1``): the same limits, pipes and deadline, in a temporary directory."""
+    fds: list[int] = []
+    proc = None
+    workdir = tempfile.mkdtemp(prefix="rlfw-unsafe-")
+    try:
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
+            f.write(code)
+        stdin_fd = _memfd("stdin", stdin.encode("utf-8", "surrogatepass"))
+        fds.append(stdin_fd)
+        proc, out_r, err_r = _spawn(_unsafe_command(backend, limits), stdin_fd, [], None, workdir)
+        fds += [out_r, err_r]
+
+        def kill() -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        seen = collect_output(proc, out_r, err_r, None, limits.max_output_chars, limits.max_output_bytes,
+                              start + limits.wall_seconds, kill)
+        kill()  # the rest of its session
+        return _result(seen, limits, False, False, start)
+    finally:
+        _cleanup(proc, fds)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait(proc: subprocess.Popen, stdin: str, wall_seconds: float) -> tuple[bool, float]:
-    """Feed stdin and wait up to ``wall_seconds``, killing the whole process group on timeout.
-
-    Returns (timed_out, CPU seconds used by the child and its reaped descendants). ``wait4`` is used instead of
-    ``Popen.wait`` because its rusage tells a CPU-limit kill apart from other deaths, also through ``unshare``
-    (which cannot always re-raise SIGXCPU) and also when several sandboxes run concurrently.
-    """
+def _spawn(cmd: list[str], stdin_fd: int | None, pass_fds: list[int], uid: int | None,
+           cwd: str | None) -> tuple[subprocess.Popen, int, int]:
+    """Start ``cmd`` (as ``uid`` if given) with stdin from ``stdin_fd`` and stdout/stderr into pipes we read."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    identity = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     try:
-        proc.stdin.write(stdin.encode())
-        proc.stdin.close()
-    except OSError:
-        pass
-    deadline = time.monotonic() + wall_seconds
-    timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if not timed_out and time.monotonic() >= deadline:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session, so its group is ours alone
-        time.sleep(0.005)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return timed_out, usage.ru_utime + usage.ru_stime
+        proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=out_w, stderr=err_w, pass_fds=pass_fds, cwd=cwd,
+                                env=dict(CHILD_ENV, HOME="/", TMPDIR="/tmp") if cwd is None else
+                                dict(CHILD_ENV, HOME=cwd, TMPDIR=cwd),
+                                start_new_session=True, close_fds=True, **identity)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    return proc, out_r, err_r
+
+
+def _cleanup(proc: subprocess.Popen | None, fds: list[int]) -> None:
+    if proc is not None and proc.returncode is None:
+        try:
+            proc.kill()
+        except OSError:
+            pass
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _result(seen: Collected, limits: SandboxLimits, memory_exhausted: bool, through_bwrap: bool,
+            start: float) -> SandboxResult:
+    if seen.status is None:
+        return SandboxResult(seen.stdout, seen.stderr, -1, seen.timed_out, "timeout" if seen.timed_out else None,
+                             time.monotonic() - start, error="sandbox failed: the run could not be reaped")
+    code = os.waitstatus_to_exitcode(seen.status)
+    if through_bwrap and SIGNAL_EXIT_BASE < code < SIGNAL_EXIT_BASE + signal.NSIG:
+        code = SIGNAL_EXIT_BASE - code  # bwrap reports the program's death by signal N as 128 + N
+    # SIGXCPU at the soft CPU limit; SIGKILL at the hard one (a second later) if the program ignored it. Through bwrap
+    # the CPU time of the program is not in our rusage (bwrap's monitor does not reap PID 1).
+    cpu_exhausted = (code == -signal.SIGXCPU or seen.cpu_seconds >= limits.cpu_seconds - CPU_ACCOUNTING_SLACK_S
+                     or (code == -signal.SIGKILL and time.monotonic() - start >= limits.cpu_seconds))
+    return SandboxResult(seen.stdout, seen.stderr, code, seen.timed_out,
+                         _killed_reason(code, seen, cpu_exhausted, memory_exhausted), time.monotonic() - start)
+
+
+def _killed_reason(code: int, seen: Collected, cpu_exhausted: bool, memory_exhausted: bool) -> str | None:
+    """Why the run was stopped, from what the parent itself observed (exit status, rusage, cgroup, deadline)."""
+    if seen.timed_out:
+        return "timeout"
+    if seen.output_limit:
+        return "output_limit"
+    if code == 0:
+        return None
+    if memory_exhausted or code == MEMORY_ERROR_EXIT:
+        return "memory_limit"
+    if cpu_exhausted:
+        return "cpu_limit"
+    if code in (-signal.SIGXFSZ, FILE_SIZE_EXIT):
+        return "file_size_limit"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return None

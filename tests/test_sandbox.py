@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from envs.sandbox import SandboxLimits, interpreter, namespace_prefix, run_code
+from envs.sandbox import SandboxLimits, check_sandbox, run_code
 
 FAST = SandboxLimits(wall_seconds=3.0, cpu_seconds=1, memory_mb=256)
 
@@ -41,11 +41,13 @@ def test_sleeping_code_hits_the_wall_clock_timeout():
 
 def test_fork_bomb_is_contained():
     bomb = "import os\nwhile True:\n    os.fork()"
+    start = time.monotonic()
     result = run_code(bomb, FAST)
-    assert not result.ok and result.refused
+    assert not result.ok and time.monotonic() - start < FAST.wall_seconds + 2
     spawn = "import subprocess\nsubprocess.run(['sleep', '30'])"
-    assert run_code(spawn, FAST).refused
-    multi = "import multiprocessing as mp\nps = [mp.Process(target=print) for _ in range(100)]\n[p.start() for p in ps]"
+    assert run_code(spawn, FAST).killed_reason == "timeout"
+    multi = ("import multiprocessing as mp, time\nps = [mp.Process(target=time.sleep, args=(5,)) for _ in range(100)]\n"
+             "[p.start() for p in ps]")
     assert not run_code(multi, FAST).ok
 
 
@@ -71,7 +73,7 @@ def test_write_outside_the_working_directory_is_refused(tmp_path):
                  f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
                  f"import shutil\nshutil.copyfile('main.py', {str(target)!r})"):
         result = run_code(code, FAST)
-        assert not result.ok and result.refused, (code, result)
+        assert not result.ok, (code, result)
     assert not target.exists() and victim.read_text() == "keep me"
     inside = run_code("open('note.txt', 'w').write('hi')\nprint(open('note.txt').read())", FAST)
     assert inside.ok and inside.stdout == "hi\n"
@@ -85,7 +87,7 @@ def test_network_connection_is_refused():
         port = listener.getsockname()[1]
         code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'leak')"
         result = run_code(code, FAST)
-        assert not result.ok and result.refused
+        assert not result.ok
         with pytest.raises(TimeoutError):
             listener.accept()
 
@@ -96,22 +98,18 @@ def test_parent_secret_is_not_visible(monkeypatch):
             f"print(open('/proc/{os.getpid()}/environ', 'rb').read())")
     result = run_code(code, FAST)
     assert "hunter2" not in result.stdout + result.stderr
-    assert result.stdout.startswith("None\n") and result.refused
+    assert result.stdout.startswith("None\n") and not result.ok
     assert "RLFW_SECRET" not in result.stdout
 
 
 def test_working_directory_is_private_and_removed():
-    result = run_code("import os\nprint(os.getcwd())", FAST)
-    workdir = result.stdout.strip()
-    assert os.path.basename(workdir).startswith("rlfw-sandbox-")
-    assert not os.path.exists(workdir)
+    result = run_code("import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd())", FAST)
+    assert result.ok and result.stdout == "/sandbox\n"
+    assert run_code("import os\nprint(os.listdir('.'))", FAST).stdout == "['main.py']\n"
 
 
 def test_host_isolation_layers_reported():
-    # Not a requirement (hosts differ), but on Linux hosts that allow it the namespaces and user drop are used.
-    prefix, (exe, uid) = namespace_prefix(), interpreter()
-    assert os.path.exists(exe)
-    if prefix:
-        assert "--net" in prefix
-    if os.geteuid() == 0 and uid >= 0:
-        assert run_code("import os\nprint(os.getuid())", FAST).stdout.strip() == str(uid)
+    backend = check_sandbox()
+    assert backend.bwrap is not None and os.path.exists(backend.python)
+    uid = run_code("import os\nprint(os.getuid())", FAST).stdout.strip()
+    assert uid.isdigit() and int(uid) != 0
