@@ -4,12 +4,17 @@ Tasks come from 25 templates with parameters (``envs._tasks``): list, string and
 ``assert`` unit tests. The tool runs code in a separate, resource-limited process without network
 (``envs.sandbox``) and returns its output. The final answer is the code of the final assistant message: the content
 of ``<answer>...</answer>`` (a ```python fence inside is allowed) or, without answer tags, the last ```python fenced
-block. Reward: the fraction of the task's unit tests that pass when that code runs in the sandbox. Turn reward: 1.0
-for a turn whose run_python calls all exited cleanly, 0.0 otherwise, None for a turn without calls.
+block. Reward: the fraction of the task's unit tests that pass when that code runs in the sandbox, NaN (unscorable)
+when the sandbox itself failed. Turn reward: 1.0 for a turn whose run_python calls all exited cleanly, 0.0
+otherwise, None for a turn without calls.
+
+Every program is hostile until proven otherwise: the environment refuses to start without a working sandbox
+(``envs.sandbox.check_sandbox``), and no tool call or scoring raises on what a program does.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import secrets
@@ -29,7 +34,7 @@ from envs.episode import (
     tool_call_message,
     traces_dataset,
 )
-from envs.sandbox import SandboxLimits, SandboxResult, run_code
+from envs.sandbox import SandboxLimits, SandboxResult, check_sandbox, run_code
 
 CLEAN_RUN_REWARD = 1.0
 TOOL_LIMITS = SandboxLimits(wall_seconds=5.0, cpu_seconds=2, max_output_chars=2000)
@@ -81,18 +86,23 @@ def extract_code(text: str | None) -> str | None:
 
 
 def run_tests(code: str | None, tests: list[str], limits: SandboxLimits = TEST_LIMITS) -> float:
-    """Fraction of ``tests`` that pass against ``code`` in the sandbox (0.0 for no code or no tests)."""
+    """Fraction of ``tests`` that pass against ``code`` in the sandbox (0.0 for no code or no tests; NaN when the
+    sandbox failed, so the sample is unscorable rather than wrongly scored)."""
     if not code or not tests:
         return 0.0
     nonce = secrets.token_hex(16)
     result = run_code(HARNESS.format(source=code, tests=list(tests)), limits, stdin=nonce + "\n")
+    if result.error:
+        return math.nan
     passed = {line.split()[2] for line in result.stdout.splitlines()
               if line.startswith(nonce + " PASS ") and len(line.split()) == 3}
-    return len(passed) / len(tests)
+    return len(passed & {str(i) for i in range(len(tests))}) / len(tests)
 
 
 def format_result(result: SandboxResult) -> str:
     """What the model sees after run_python: output, errors and how the run ended."""
+    if result.error:
+        return f"[sandbox error: {result.error}]"
     parts = [result.stdout.rstrip()] if result.stdout.strip() else []
     if result.stderr.strip():
         parts.append("stderr:\n" + result.stderr.rstrip())
@@ -138,6 +148,10 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train") -> Dataset:
 class PythonSandboxEnv(EpisodeEnvironment):
     """Programming tasks with a sandboxed Python interpreter as the tool."""
 
+    def __init__(self) -> None:
+        check_sandbox()  # refuse to start (SandboxUnavailable, naming the fix) where code cannot be contained
+        super().__init__()
+
     def _clear(self, row: dict[str, Any]) -> None:
         super()._clear(row)
         self.tests = list(row.get("tests") or [])
@@ -152,16 +166,22 @@ class PythonSandboxEnv(EpisodeEnvironment):
             The program's standard output and errors, truncated if long.
         """
         result = run_code(str(code), TOOL_LIMITS)
-        self._record({"tool": "run_python", "ok": result.ok, "killed_reason": result.killed_reason})
+        self._record({"tool": "run_python", "ok": result.ok, "killed_reason": result.killed_reason,
+                      "error": result.error})
         return format_result(result)
 
     def _has_answer(self, text: str) -> bool:
         return extract_code(text) is not None
 
     def _score(self, final_text: str) -> float:
-        return run_tests(extract_code(final_text), self.tests)
+        try:
+            return run_tests(extract_code(final_text), self.tests)
+        except Exception:  # noqa: BLE001 - hostile answers must not stop training: unscorable instead
+            return math.nan
 
     def _score_turn(self, events: list[dict[str, Any]]) -> float:
+        if any(e.get("error") for e in events):
+            return math.nan  # the sandbox failed, the turn says nothing about the policy
         return CLEAN_RUN_REWARD if all(e["ok"] for e in events) else 0.0
 
 
