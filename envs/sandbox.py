@@ -47,8 +47,8 @@ UNSAFE_ENV = "RLFW_UNSAFE_NO_SANDBOX"
 CPU_ACCOUNTING_SLACK_S = 0.1  # rusage can report slightly less CPU time than the kernel's limit check counted
 MEMORY_ERROR_EXIT = 247  # the bootstrap's exit status for an uncaught MemoryError
 FILE_SIZE_EXIT = 246  # ... and for an uncaught OSError EFBIG (Python ignores SIGXFSZ)
-SIGNAL_EXIT_BASE = 128  # bwrap exits 128 + N when the program is killed by signal N
-SANDBOX_PROCESSES = 3  # bwrap's monitor and PID 1 plus the gate shell, counted by the cgroup's process limit
+SIGNAL_EXIT_BASE = 128  # the bootstrap's PID 1 exits 128 + N when the program is killed by signal N
+SANDBOX_PROCESSES = 2  # bwrap's monitor and the bootstrap's PID 1, counted by the cgroup's process limit
 UID_POOL = (1_500_000_000, 1_000_000)  # (first uid, size): far above any account or subordinate-uid range
 WORKDIR = "/sandbox"
 INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")  # tried after our own base interpreter
@@ -64,6 +64,14 @@ cpu, memory, fsize, nofile, nproc, memory_exit, file_size_exit, stdin_fd = (int(
 if stdin_fd >= 0:  # the program's stdin arrives as another descriptor when fd 0 was the parent's start signal
     os.dup2(stdin_fd, 0)
     os.close(stdin_fd)
+program = os.fork()
+if program:
+    # PID 1 of the run: reap every process until the program ends, then end the same way; the kernel then kills what
+    # is left of the namespace. Our parent (bwrap's monitor) reaps us, so no zombie is left to the host.
+    while True:
+        died, status = os.wait()
+        if died == program:
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 # CPU: SIGXCPU at the soft limit tells the parent why; SIGKILL a second later if the program ignores it.
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, nofile),
@@ -189,6 +197,7 @@ def _bwrap_command(backend: Backend, uid: int, limits: SandboxLimits, code_fd: i
                limits.max_processes, MEMORY_ERROR_EXIT, FILE_SIZE_EXIT, stdin_fd]
     return [
         backend.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--as-pid-1",
         "--uid", str(uid), "--gid", str(uid), "--hostname", "sandbox", "--clearenv", *env,
         *_bind_args(backend.python), "--proc", "/proc", "--dev", "/dev",
         "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
@@ -300,7 +309,7 @@ def _run_bwrap(backend: Backend, code: str, limits: SandboxLimits, stdin: str, s
         fds.remove(info_w)
         seen = collect_output(proc, out_r, err_r, info_r, limits.max_output_chars, limits.max_output_bytes,
                               start + limits.wall_seconds)
-        return _result(seen, limits, cgroup is not None and cgroup.memory_exhausted(), True, start)
+        return _result(seen, limits, cgroup is not None and cgroup.memory_exhausted(), start)
     finally:
         _cleanup(proc, fds)
         if cgroup is not None:
@@ -331,7 +340,7 @@ def _run_unsafe(backend: Backend, code: str, limits: SandboxLimits, stdin: str, 
         seen = collect_output(proc, out_r, err_r, None, limits.max_output_chars, limits.max_output_bytes,
                               start + limits.wall_seconds, kill)
         kill()  # the rest of its session
-        return _result(seen, limits, False, False, start)
+        return _result(seen, limits, False, start)
     finally:
         _cleanup(proc, fds)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -371,16 +380,14 @@ def _cleanup(proc: subprocess.Popen | None, fds: list[int]) -> None:
             pass
 
 
-def _result(seen: Collected, limits: SandboxLimits, memory_exhausted: bool, through_bwrap: bool,
-            start: float) -> SandboxResult:
+def _result(seen: Collected, limits: SandboxLimits, memory_exhausted: bool, start: float) -> SandboxResult:
     if seen.status is None:
         return SandboxResult(seen.stdout, seen.stderr, -1, seen.timed_out, "timeout" if seen.timed_out else None,
                              time.monotonic() - start, error="sandbox failed: the run could not be reaped")
     code = os.waitstatus_to_exitcode(seen.status)
-    if through_bwrap and SIGNAL_EXIT_BASE < code < SIGNAL_EXIT_BASE + signal.NSIG:
-        code = SIGNAL_EXIT_BASE - code  # bwrap reports the program's death by signal N as 128 + N
-    # SIGXCPU at the soft CPU limit; SIGKILL at the hard one (a second later) if the program ignored it. Through bwrap
-    # the CPU time of the program is not in our rusage (bwrap's monitor does not reap PID 1).
+    if SIGNAL_EXIT_BASE < code < SIGNAL_EXIT_BASE + signal.NSIG:
+        code = SIGNAL_EXIT_BASE - code  # death by signal N, as reported by the bootstrap's PID 1
+    # SIGXCPU at the soft CPU limit; SIGKILL at the hard one (a second later) if the program ignored it.
     cpu_exhausted = (code == -signal.SIGXCPU or seen.cpu_seconds >= limits.cpu_seconds - CPU_ACCOUNTING_SLACK_S
                      or (code == -signal.SIGKILL and time.monotonic() - start >= limits.cpu_seconds))
     return SandboxResult(seen.stdout, seen.stderr, code, seen.timed_out,
