@@ -1,11 +1,11 @@
 """What the three environments share: final-answer parsing, the episode bookkeeping behind ``get_reward`` and
-``_turn_reward``, stable train/test splitting, and turning a scorer into a TRL reward function.
+``_pop_turn_reward``, stable train/test splitting, and turning a scorer into a TRL reward function.
 
 Scoring has two equivalent entry points that give the same number for the same final answer:
 
 - ``get_reward()`` scores the final answer the environment recorded. rlfw's rollout engine hands every assistant
-  message without tool calls to ``_is_final(text)``, which records it. Plain TRL never calls ``_is_final``, so there
-  ``get_reward()`` returns 0.0.
+  message without tool calls to ``_record_final_answer(text)``, which records it. Plain TRL never calls
+  ``_record_final_answer``, so there ``get_reward()`` returns 0.0.
 - the module's ``REWARD_FUNCS`` read the final assistant message from ``completions`` (TRL's reward signature).
 
 Use one of them per run, not both, or the score counts twice: under rlfw the environment's ``get_reward`` column
@@ -134,7 +134,7 @@ class EpisodeEnvironment(BaseEnvironment):
     def get_reward(self) -> float:
         return 0.0 if self.final_text is None else float(self._score(self.final_text))
 
-    def _is_final(self, text: str) -> bool:
+    def _record_final_answer(self, text: str) -> bool:
         """Records ``text`` as the episode's final message; True when it states an answer in this env's format."""
         self.final_text = text
         return self._has_answer(text)
@@ -142,13 +142,13 @@ class EpisodeEnvironment(BaseEnvironment):
     def _has_answer(self, text: str) -> bool:
         return extract_answer(text) is not None
 
-    def _answer_probe(self, answer: str) -> str:
+    def _format_final_answer(self, answer: str) -> str:
         return ANSWER_FORMAT.format(answer)
 
     def _record(self, event: dict[str, Any]) -> None:
         self.tool_events.append(event)
 
-    def _turn_reward(self) -> float | None:
+    def _pop_turn_reward(self) -> float | None:
         """Immediate reward of the turn since the previous call: None when that turn called no tool."""
         events = self.tool_events[self._turn_start:]
         self._turn_start = len(self.tool_events)

@@ -20,6 +20,8 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
+from rlfw.advantages.base import Stateful
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "rlfw_state.json"
@@ -158,11 +160,10 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
 # ---------------------------------------------------------------- rlfw's own state
 def save_state(checkpoint_dir: str | os.PathLike, estimator: Any) -> None:
     """Save the estimator's state (``state_dict()``, JSON-serialisable) into the checkpoint directory."""
-    state_dict = getattr(estimator, "state_dict", None)
     state = {
         "format_version": FORMAT_VERSION,
-        "estimator": getattr(estimator, "name", type(estimator).__name__),
-        "estimator_state": state_dict() if state_dict is not None else {},
+        "estimator": estimator.name,
+        "estimator_state": estimator.state_dict() if isinstance(estimator, Stateful) else {},
     }
     atomic_write_text(Path(checkpoint_dir) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
@@ -173,13 +174,12 @@ def load_state(checkpoint_dir: str | os.PathLike, estimator: Any) -> bool:
     if not path.exists():
         return False
     state = json.loads(path.read_text())
-    name = getattr(estimator, "name", type(estimator).__name__)
+    name = estimator.name
     if state.get("estimator") != name:
         raise ValueError(
             f"Checkpoint {checkpoint_dir} was written with advantage_estimator={state.get('estimator')!r}, but this "
             f"run uses {name!r}. Resume with the same estimator, or start a new output_dir."
         )
-    load = getattr(estimator, "load_state_dict", None)
-    if load is not None:
-        load(state["estimator_state"])
+    if isinstance(estimator, Stateful):
+        estimator.load_state_dict(state["estimator_state"])
     return True

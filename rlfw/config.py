@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlfw.advantages import ESTIMATORS, build_estimator
+from rlfw.advantages import ESTIMATORS, ChecksConfig, build_estimator
+from rlfw.rollout.rollout_func import ROLLOUT_BACKENDS
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_BACKENDS = ("hf", "vllm")
 VLLM_INSTALL = "pip install 'rlfw[vllm]'  (vllm>=0.26,<=0.31, on a CUDA machine)"
 
 
@@ -43,8 +43,9 @@ class RLConfig(GRPOConfig):
     max_turns: int = field(default=4, metadata={"help": "Maximum assistant turns per episode (multi-turn only)."})
     rollout_backend: str | None = field(
         default=None,
-        metadata={"help": "Generation backend for rollouts: 'hf' (transformers generate) or 'vllm'. "
-                  "Default: 'vllm' if use_vllm else 'hf'."},
+        metadata={"help": "Generation backend for rollouts, by registered name (rlfw.rollout.ROLLOUT_BACKENDS): 'hf' "
+                  "(transformers generate), 'vllm', or one added with register_backend. Default: 'vllm' if use_vllm "
+                  "else 'hf'."},
     )
     tool_timeout: float = field(default=30.0, metadata={"help": "Seconds a single tool call may run."})
     max_tool_result_chars: int = field(
@@ -115,22 +116,22 @@ class RLConfig(GRPOConfig):
                 "weighted sum of reward functions. Remove the setting (default 'sum_then_normalize')."
             )
         estimator = build_estimator(name, **self.advantage_kwargs)  # unknown name/option -> ValueError with the fix
-        validate = getattr(estimator, "validate_config", None)
-        if validate is not None:
-            validate(self.num_generations)
+        if isinstance(estimator, ChecksConfig):
+            estimator.check_config(self)
 
     def _check_rollout(self) -> None:
         if self.rollout_backend is None:
             self.rollout_backend = "vllm" if self.use_vllm else "hf"
         if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"rollout_backend={self.rollout_backend!r} is not valid; use one of {list(ROLLOUT_BACKENDS)}.")
-        if self.rollout_backend == "vllm":
+            raise ValueError(f"rollout_backend={self.rollout_backend!r} is not valid; use one of {list(ROLLOUT_BACKENDS)} "
+                             "(or register one with rlfw.rollout.register_backend).")
+        if ROLLOUT_BACKENDS[self.rollout_backend].uses_vllm:
             if importlib.util.find_spec("vllm") is None:
-                raise ValueError(f"rollout_backend='vllm' (or use_vllm=True) needs vLLM, which is not installed: "
-                                 f"{VLLM_INSTALL}. Or use rollout_backend='hf'.")
+                raise ValueError(f"rollout_backend={self.rollout_backend!r} (or use_vllm=True) needs vLLM, which is not "
+                                 f"installed: {VLLM_INSTALL}. Or use rollout_backend='hf'.")
             self.use_vllm = True
         elif self.use_vllm:
-            raise ValueError("use_vllm=True contradicts rollout_backend='hf'; set only one of them.")
+            raise ValueError(f"use_vllm=True contradicts rollout_backend={self.rollout_backend!r}; set only one of them.")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}.")
         if self.tool_timeout <= 0:

@@ -7,14 +7,21 @@ An environment class is instantiated once per rollout (no arguments). Per episod
 - public methods with type hints and a Google-style docstring are the **tools** the model can call.
 - ``get_reward() -> float``: scores the finished episode (joins the reward functions, weight 1 by default).
 
-rlfw adds, optionally, three hooks. Their names start with an underscore because TRL exposes every public method
-as a tool; this way the same class runs unchanged under plain TRL.
+rlfw adds, optionally, four hooks, each declared below as a protocol of its own. Their names start with an
+underscore because TRL exposes every public method as a tool; this way the same class runs unchanged under plain TRL.
 
-- ``_turn_reward() -> float | None``: immediate reward of the assistant turn that just ended (called by the
-  rollout engine after each turn's tool calls ran); None = no reward for that turn.
-- ``_is_final(text: str) -> bool``: whether an assistant turn without tool calls is a final answer (default True).
-- ``_answer_probe(answer: str) -> str``: the assistant text that states ``answer`` as a final answer; IGPO
-  teacher-forces it after each round's history to measure how likely the policy is to answer correctly.
+- ``_record_final_answer(text: str) -> bool``: called by the rollout engine with every assistant turn that made no
+  tool call; the environment records ``text`` as the episode's final message and returns whether it is a final
+  answer (True ends the episode; False lets it continue). Default: True.
+- ``_pop_turn_reward() -> float | None``: called by the engine after each assistant turn (and its tool calls); returns
+  the immediate reward of that turn and starts the next turn's bookkeeping; None = no reward for that turn.
+- ``_final_turn_rewards(turn_rewards: list[float]) -> list[float]``: called once when the episode is over, with
+  the per-turn rewards ``_pop_turn_reward`` reported (NaN = none); returns the episode's per-turn rewards, same length.
+  For turn rewards that depend on the whole trajectory (e.g. matching its tool calls against ground-truth calls).
+  Default: unchanged.
+- ``_format_final_answer(answer: str) -> str``: the assistant text that states ``answer`` as a final answer; IGPO
+  teacher-forces it after each round's history to measure how likely the policy is to answer correctly. Default:
+  the bare answer.
 
 Because the contract is TRL's own, every rlfw environment also runs under plain ``GRPOTrainer(environment_factory=...)``.
 """
@@ -22,6 +29,7 @@ Because the contract is TRL's own, every rlfw environment also runs under plain 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Protocol, runtime_checkable
 
 RESERVED_METHODS = frozenset({"reset", "get_reward"})
@@ -34,6 +42,26 @@ class Environment(Protocol):
     def get_reward(self) -> float: ...
 
 
+@runtime_checkable
+class RecordsFinalAnswer(Protocol):
+    def _record_final_answer(self, text: str) -> bool: ...
+
+
+@runtime_checkable
+class ReportsTurnRewards(Protocol):
+    def _pop_turn_reward(self) -> float | None: ...
+
+
+@runtime_checkable
+class RescoresTurns(Protocol):
+    def _final_turn_rewards(self, turn_rewards: list[float]) -> list[float]: ...
+
+
+@runtime_checkable
+class FormatsFinalAnswer(Protocol):
+    def _format_final_answer(self, answer: str) -> str: ...
+
+
 class BaseEnvironment:
     """Optional base class with the rlfw defaults; subclasses add tools as public typed methods."""
 
@@ -43,14 +71,46 @@ class BaseEnvironment:
     def get_reward(self) -> float:
         return 0.0
 
-    def _turn_reward(self) -> float | None:
-        return None
-
-    def _is_final(self, text: str) -> bool:
+    def _record_final_answer(self, text: str) -> bool:
         return True
 
-    def _answer_probe(self, answer: str) -> str:
+    def _pop_turn_reward(self) -> float | None:
+        return None
+
+    def _final_turn_rewards(self, turn_rewards: list[float]) -> list[float]:
+        return turn_rewards
+
+    def _format_final_answer(self, answer: str) -> str:
         return str(answer)
+
+
+def record_final_answer(env: Any, text: str) -> bool:
+    """Whether ``text`` (an assistant turn without tool calls) ends the episode; the environment records it."""
+    return bool(env._record_final_answer(text)) if isinstance(env, RecordsFinalAnswer) else True
+
+
+def pop_turn_reward(env: Any) -> float | None:
+    """The immediate reward of the turn that just ended (None = none)."""
+    if not isinstance(env, ReportsTurnRewards):
+        return None
+    value = env._pop_turn_reward()
+    return None if value is None else float(value)
+
+
+def final_turn_rewards(env: Any, turn_rewards: list[float]) -> list[float]:
+    """The finished episode's per-turn rewards (NaN = none) after the environment's rescoring, if it has one."""
+    if not isinstance(env, RescoresTurns):
+        return turn_rewards
+    rescored = [math.nan if r is None else float(r) for r in env._final_turn_rewards(list(turn_rewards))]
+    if len(rescored) != len(turn_rewards):
+        raise ValueError(f"{type(env).__name__}._final_turn_rewards returned {len(rescored)} rewards for an episode of "
+                         f"{len(turn_rewards)} turns; return one per turn.")
+    return rescored
+
+
+def format_final_answer(env: Any, answer: str) -> str:
+    """The assistant text stating ``answer`` as a final answer (the bare answer for environments without the hook)."""
+    return env._format_final_answer(answer) if isinstance(env, FormatsFinalAnswer) else str(answer)
 
 
 def environment_tools(env: object) -> dict[str, Any]:

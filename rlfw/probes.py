@@ -1,11 +1,13 @@
-"""IGPO's answer probes: how likely the current policy is to state the ground-truth answer after each round.
+"""No-grad probes of the current policy, batched: IGPO's answer probes and InfoPO's counterfactual information gain.
+
+IGPO: how likely the current policy is to state the ground-truth answer after each round.
 
 For rollout i with T_i assistant turns and t = 0..T_i-1 (IGPO, arXiv 2510.14967; reference code
 ``scrl/llm_agent/generation.py``):
 
     h_{i,t}                  = prompt_i + completion_i[: round_prefix_lens[i][t]]   (t completed rounds; t = 0: the
                                prompt alone, the prior). Each prefix ends with the template's generation prompt.
-    probe                    = the environment's ``_answer_probe(answer)`` text (e.g. "<answer>Paris</answer>"),
+    probe                    = the environment's ``_format_final_answer(answer)`` text (e.g. "<answer>Paris</answer>"),
                                tokenized on its own; its answer tokens are those overlapping the answer's characters
     answer_logprobs[i, t]    = mean over the answer tokens a_j of log pi(a_j | h_{i,t}, probe tokens before a_j)
 
@@ -17,6 +19,19 @@ the step are deduplicated (the t = 0 prior is shared by a prompt's G rollouts on
 in chunks of ``batch_size`` left-padded rows; each chunk keeps logits only for its longest answer. With more than
 one process every process runs the same number of chunks, because sharded models (ZeRO-3, FSDP) gather
 parameters collectively in every forward.
+
+InfoPO (arXiv 2603.00656): for a turn t followed by an environment message and a next turn t+1,
+
+    info_gain[i, t] = mean over the tokens a of turn t+1's sampled action of
+                      log pi(a | real history) - log pi(a | history with turn t's environment span replaced)
+
+The environment span is every environment token between turn t's last policy token and turn t+1's first (tool
+messages with their template tokens and the next generation prompt); it is overwritten in place by the tokens of
+``PLACEHOLDER``, cut or repeated from its last token to the span's length, so every later position is unchanged.
+Both log-probs are computed with the current weights (the rollout's sampling log-probs come from processed logits
+and possibly older weights); both sequences of a turn run through the same batched, lockstep scoring as IGPO's.
+NaN: the last turn, turns without a tool message, next turns without policy tokens.
+Cost: per such turn, two no-grad sequences of |prompt| + end of turn t+1 tokens.
 """
 
 from __future__ import annotations
@@ -28,9 +43,10 @@ from typing import Any
 
 import torch
 
-from rlfw.environment import BaseEnvironment
+from rlfw.environment import format_final_answer
 
 ANSWER_COLUMN = "answer"  # the dataset column holding the ground-truth answer text
+PLACEHOLDER = "No information found."  # InfoPO's neutral environment message
 
 # (input_ids (B, L) left-padded, attention_mask (B, L), logits_to_keep) -> log-probs of the last logits_to_keep
 # tokens of each row, (B, logits_to_keep): TRL's _get_per_token_logps_and_entropies without the extras.
@@ -53,9 +69,8 @@ def answer_text(value: Any) -> str:
 
 
 def probe_text(env: Any, answer: str) -> str:
-    """The environment's probe for ``answer`` (``_answer_probe``); the bare answer for environments without one."""
-    hook = getattr(env, "_answer_probe", None) or BaseEnvironment()._answer_probe
-    return hook(answer)
+    """The environment's probe for ``answer`` (``_format_final_answer``); the bare answer for environments without one."""
+    return format_final_answer(env, answer)
 
 
 def tokenize_probe(tokenizer: Any, text: str, answer: str) -> Probe:
@@ -69,7 +84,7 @@ def tokenize_probe(tokenizer: Any, text: str, answer: str) -> Probe:
     if not answer or start < 0:
         if answer:
             raise ValueError(f"The answer probe {text!r} does not contain the answer {answer!r}: an environment's "
-                             "_answer_probe(answer) must return text that includes the answer verbatim.")
+                             "_format_final_answer(answer) must return text that includes the answer verbatim.")
         return Probe((), 0)
     end = start + len(answer)
     try:
@@ -87,7 +102,7 @@ def tokenize_probe(tokenizer: Any, text: str, answer: str) -> Probe:
 
 def rollout_probes(tokenizer: Any, rows: Sequence[dict[str, Any]], environments: Sequence[Any] | None
                    ) -> list[Probe]:
-    """One probe per rollout from its row's ``answer`` and its environment's ``_answer_probe``."""
+    """One probe per rollout from its row's ``answer`` and its environment's ``_format_final_answer``."""
     cache: dict[tuple[str, str], Probe] = {}
     probes = []
     for k, row in enumerate(rows):
@@ -145,6 +160,16 @@ def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def _score_unique(per_rollout: Sequence[Sequence[tuple[tuple[int, ...], Probe]]], logprobs_fn: LogProbFn, *,
+                  batch_size: int, pad_token_id: int, num_chunks_fn: Callable[[int], int] | None) -> list[list[float]]:
+    """``mean_answer_logprobs`` of every rollout's (context, probe) pairs, each distinct pair computed once."""
+    unique: dict[tuple[tuple[int, ...], Probe], int] = {}
+    where = [[unique.setdefault(pair, len(unique)) for pair in pairs] for pairs in per_rollout]
+    values = mean_answer_logprobs(list(unique), logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
+                                  num_chunks_fn=num_chunks_fn)
+    return [[values[k] for k in row] for row in where]
+
+
 def answer_logprobs(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                     round_prefix_lens: Sequence[Sequence[int]], probes: Sequence[Probe], logprobs_fn: LogProbFn, *,
                     batch_size: int, pad_token_id: int, num_chunks_fn: Callable[[int], int] | None = None,
@@ -153,11 +178,65 @@ def answer_logprobs(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequenc
 
     Identical (context, probe) pairs are computed once: a prompt's t = 0 prior is shared by its rollouts.
     """
-    unique: dict[tuple[tuple[int, ...], Probe], int] = {}
-    where: list[list[int]] = []
-    for prompt, completion, lens, probe in zip(prompt_ids, completion_ids, round_prefix_lens, probes, strict=True):
-        where.append([unique.setdefault((context, probe), len(unique))
-                      for context in round_contexts(prompt, completion, lens)])
-    values = mean_answer_logprobs(list(unique), logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
-                                  num_chunks_fn=num_chunks_fn)
-    return [[values[k] for k in row] for row in where]
+    pairs = [[(context, probe) for context in round_contexts(prompt, completion, lens)]
+             for prompt, completion, lens, probe in zip(prompt_ids, completion_ids, round_prefix_lens, probes,
+                                                        strict=True)]
+    return _score_unique(pairs, logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
+                         num_chunks_fn=num_chunks_fn)
+
+
+def placeholder_ids(tokenizer: Any) -> tuple[int, ...]:
+    """InfoPO's placeholder message, tokenized once."""
+    return tuple(tokenizer.encode(PLACEHOLDER, add_special_tokens=False))
+
+
+def fill_span(placeholder: Sequence[int], length: int) -> list[int]:
+    """``placeholder`` cut to, or extended by repeating its last token to, exactly ``length`` tokens."""
+    ids = list(placeholder[:length])
+    return ids + [ids[-1]] * (length - len(ids)) if ids else []
+
+
+def counterfactual_pairs(prompt: Sequence[int], completion: Sequence[int], row: dict[str, Any],
+                         placeholder: Sequence[int]) -> dict[int, tuple[tuple, tuple]]:
+    """For each turn t with an information gain: ((real context, next action), (counterfactual context, next
+    action)) as (context ids, Probe) pairs, by turn index."""
+    turn_ids, starts = list(row["turn_ids"]), list(row["round_prefix_lens"])
+    calls = list(row.get("turn_tool_calls") or [])
+    completion = list(completion[: len(turn_ids)])
+    prompt = tuple(prompt)
+    ends = [0] * len(starts)  # end (exclusive) of each turn's policy tokens
+    for pos, t in enumerate(turn_ids):
+        if 0 <= t < len(ends):
+            ends[t] = pos + 1
+    pairs = {}
+    for t in range(len(starts) - 1):
+        start, end = starts[t + 1], ends[t + 1]
+        if t >= len(calls) or calls[t] == 0 or end <= start:
+            continue  # InfoPO: no environment message, or no next action to score
+        action = Probe(tuple(completion[start:end]), end - start)
+        env_start = ends[t]
+        real = prompt + tuple(completion[:start])
+        counterfactual = prompt + tuple(completion[:env_start]) + tuple(fill_span(placeholder, start - env_start))
+        pairs[t] = ((real, action), (counterfactual, action))
+    return pairs
+
+
+def info_gains(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+               rows: Sequence[dict[str, Any]], placeholder: Sequence[int], logprobs_fn: LogProbFn, *, batch_size: int,
+               pad_token_id: int, num_chunks_fn: Callable[[int], int] | None = None) -> list[list[float]]:
+    """Per rollout, ``info_gain`` for t = 0..T_i-1 (NaN where undefined). ``rows`` carry the rollout's ``turn_ids``,
+    ``round_prefix_lens`` and ``turn_tool_calls``."""
+    turns, pairs = [], []
+    for prompt, completion, row in zip(prompt_ids, completion_ids, rows, strict=True):
+        found = counterfactual_pairs(prompt, completion, row, placeholder)
+        turns.append(list(found))
+        pairs.append([pair for t in found for pair in found[t]])
+    scored = _score_unique(pairs, logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
+                           num_chunks_fn=num_chunks_fn)
+    out = []
+    for row, row_turns, values in zip(rows, turns, scored, strict=True):
+        gains = [math.nan] * len(row["round_prefix_lens"])
+        for k, t in enumerate(row_turns):
+            gains[t] = values[2 * k] - values[2 * k + 1]  # real minus counterfactual
+        out.append(gains)
+    return out

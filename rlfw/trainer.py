@@ -5,8 +5,9 @@ It overrides only named TRL hooks (pinned by tests/test_trl_hooks.py) and keeps 
 - ``_calculate_rewards``: keep the gathered (N, F) reward matrix and contain reward-function errors.
 - ``_generate_and_score_completions``: build the AdvantageBatch from gathered rewards and rollout metadata, call
   the estimator, map (N,) or (N, K) advantages to this process's rows and policy tokens, apply ``keep``.
-- ``_get_per_token_logps_and_entropies`` / ``_compute_loss``: capture TRL's own entropies and add loss-level
-  estimator terms (EPO); keep loss normalisers consistent when rows are dropped.
+- ``_get_per_token_logps_and_entropies`` / ``_compute_loss``: capture TRL's own log-probs and entropies and add
+  loss-level estimator terms (the estimator's ``loss`` capability: EPO, OPMD); call ``on_optimizer_step`` once per
+  optimizer step; keep loss normalisers consistent when rows are dropped.
 - ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: rlfw's state (estimator state) in every checkpoint;
   checkpoints appear atomically (``_get_output_dir`` points transformers at a staging directory while it writes).
 - ``train``: SIGTERM finishes the step, saves a checkpoint and stops (rlfw.preemption).
@@ -24,8 +25,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from rlfw import checkpoint, preflight, probes
-from rlfw.advantages import AdvantageBatch, AdvantageOutput, Estimator, build_estimator
-from rlfw.advantages.base import OPTIONAL_FIELDS
+from rlfw.advantages import (
+    BATCH_FIELDS,
+    AdvantageBatch,
+    AdvantageOutput,
+    ChecksConfig,
+    Estimator,
+    HasLossTerm,
+    LossInputs,
+    TracksSteps,
+    build_estimator,
+)
+from rlfw.advantages.fields import LocalRows, supplied_fields
 from rlfw.config import RLConfig
 from rlfw.environment import resolve_environment
 from rlfw.preemption import PreemptionCallback
@@ -35,11 +46,6 @@ logger = logging.getLogger(__name__)
 
 # Loss types whose normaliser counts rows (a dropped row would still count): rescale by rows / kept rows.
 ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
-# Batch fields each rollout kind can supply.
-# Single-turn generation makes no tool calls, so it cannot supply num_tool_calls (stratified would be degenerate).
-SINGLE_TURN_FIELDS = frozenset({"num_turns", "truncated"})
-# answer_logprobs: IGPO's answer probes (rlfw.probes), which need round boundaries and the dataset's answer column.
-MULTI_TURN_FIELDS = frozenset({"num_turns", "truncated", "num_tool_calls", "turn_rewards", "answer_logprobs"})
 
 
 class RLTrainer(GRPOTrainer):
@@ -49,22 +55,27 @@ class RLTrainer(GRPOTrainer):
         estimator: an estimator instance; default: built from ``args.advantage_estimator`` / ``advantage_kwargs``.
         environment_factory: an environment class for multi-turn rollouts through rlfw's engine; default: the
             class named by ``args.environment``; None with no ``args.environment`` means single-turn generation.
+        rollout_backend: a factory ``trainer -> Backend`` generating the multi-turn rollouts (custom generation,
+            scripted policies); default: the backend named by ``args.rollout_backend`` (``ROLLOUT_BACKENDS``).
         Other arguments are GRPOTrainer's.
     """
 
     _staging_dir: str | None = None  # set while a checkpoint is being written (see _save_checkpoint)
 
     def __init__(self, model, reward_funcs=None, args: RLConfig | None = None, *, estimator: Estimator | None = None,
-                 environment_factory=None, **kwargs: Any):
+                 environment_factory=None, rollout_backend=None, **kwargs: Any):
         if args is None or not isinstance(args, RLConfig):
             raise TypeError("RLTrainer needs args=RLConfig(...) (a GRPOConfig lacks rlfw's fields).")
         if estimator is None:
             estimator = build_estimator(args.advantage_estimator, **args.advantage_kwargs)
+        if not isinstance(estimator, Estimator):
+            raise TypeError(f"estimator={estimator!r} does not meet the estimator contract (a name, requires, and "
+                            "__call__(batch) -> AdvantageOutput); subclass rlfw.advantages.BaseEstimator.")
         self.estimator = estimator
         self.rollout_rows: list[dict] | None = None
         self._rewards_per_func: torch.Tensor | None = None
+        self._logps: torch.Tensor | None = None
         self._entropies: torch.Tensor | None = None
-        self._entropy_window = torch.zeros(2, dtype=torch.float64)
         reward_funcs = list(reward_funcs or []) if isinstance(reward_funcs, list | tuple) else (
             [reward_funcs] if reward_funcs is not None else [])
         env_cls = environment_factory or resolve_environment(args.environment)
@@ -75,12 +86,12 @@ class RLTrainer(GRPOTrainer):
             kwargs["rollout_func"] = make_rollout_func(
                 env_cls, max_turns=args.max_turns, tool_timeout=args.tool_timeout,
                 max_tool_result_chars=args.max_tool_result_chars, parser=args.tool_parser,
-                backend=args.rollout_backend,
+                backend=rollout_backend or args.rollout_backend,
             )
             if hasattr(env_cls, "get_reward"):
                 reward_funcs.append(environment_reward(env_cls))
         preflight.check_inputs(reward_funcs, kwargs.get("train_dataset"), kwargs.get("processing_class"),
-                               multi_turn=env_cls is not None)
+                               multi_turn=env_cls is not None, tool_parser=args.tool_parser)
         reward_funcs = contain_reward_errors(reward_funcs, args.reward_errors)
         self._check_requires(args, env_cls is not None, kwargs.get("train_dataset"))
         # rlfw's engine is the documented way to use TRL's rollout_func hook; its "experimental" notice is noise here.
@@ -91,28 +102,26 @@ class RLTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ set-up checks
     def _check_requires(self, args: RLConfig, multi_turn: bool, train_dataset: Any = None) -> None:
-        supplied = MULTI_TURN_FIELDS if multi_turn else SINGLE_TURN_FIELDS
-        needs = set(getattr(self.estimator, "requires", ()))
-        missing = sorted(needs - supplied)
-        name = getattr(self.estimator, "name", type(self.estimator).__name__)
+        name, needs = self.estimator.name, set(self.estimator.requires)
+        unknown = sorted(needs - set(BATCH_FIELDS))
+        if unknown:
+            raise ValueError(f"advantage_estimator {name!r} requires unknown batch field(s) {unknown}; fields: "
+                             f"{sorted(BATCH_FIELDS)} (register a new one with rlfw.advantages.register_field).")
+        missing = sorted(needs - supplied_fields(multi_turn))
         if missing:
             raise ValueError(
                 f"advantage_estimator {name!r} needs {missing} from the rollout, which "
                 f"{'multi-turn' if multi_turn else 'single-turn'} generation does not supply. "
-                + ("Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)." if not multi_turn
-                   else "Use an environment that reports per-turn rewards (_turn_reward).")
+                "Set `environment:` to a multi-turn tool environment (e.g. envs.search_qa)."
             )
         columns = getattr(train_dataset, "column_names", None)  # None: unknown (iterable dataset), checked per row
-        if "answer_logprobs" in needs and columns is not None and probes.ANSWER_COLUMN not in columns:
-            raise ValueError(
-                f"advantage_estimator {name!r} probes the policy's likelihood of the ground-truth answer, but "
-                f"train_dataset has no {probes.ANSWER_COLUMN!r} column (columns: {sorted(columns)}). Add the "
-                f"reference answer text as an {probes.ANSWER_COLUMN!r} column, or use an estimator that needs no "
-                "ground truth (e.g. stratified, gated)."
-            )
-        validate = getattr(self.estimator, "validate_config", None)
-        if validate is not None:
-            validate(args.num_generations)
+        for field in sorted(needs):
+            column = BATCH_FIELDS[field].column
+            if column is not None and columns is not None and column[0] not in columns:
+                raise ValueError(f"advantage_estimator {name!r} {column[1]}, but train_dataset has no {column[0]!r} "
+                                 f"column (columns: {sorted(columns)}). {column[2]}")
+        if isinstance(self.estimator, ChecksConfig):
+            self.estimator.check_config(args)
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -132,32 +141,46 @@ class RLTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return output
-        if "answer_logprobs" in getattr(self.estimator, "requires", ()):
-            output["rlfw_answer_logprobs"] = self._answer_probes(inputs, output)
         batch = self._advantage_batch(inputs, output)
         result = self.estimator(batch)
         self._apply_advantages(inputs, output, batch, result)
         return output
 
-    def _answer_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
+    def answer_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
         """IGPO's answer_logprobs of this process's rows (see rlfw.probes): current policy, no grad, batched."""
-        start = time.perf_counter()
-        prompt_mask = output["prompt_mask"].bool()
-        prompt_ids = [ids[m].tolist() for ids, m in zip(output["prompt_ids"], prompt_mask, strict=True)]
+        prompt_ids = self._local_prompt_ids(output)
         round_prefix_lens = [row["round_prefix_lens"] for row in inputs]
         rollout_probes = probes.rollout_probes(self._tokenizer, inputs, self.environments)
+        return self._timed_probes(lambda: probes.answer_logprobs(
+            prompt_ids, output["completion_ids"].tolist(), round_prefix_lens, rollout_probes, self._probe_logprobs,
+            batch_size=self.args.per_device_train_batch_size, pad_token_id=self._tokenizer.pad_token_id,
+            num_chunks_fn=self._max_over_processes))
+
+    def info_gain_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
+        """InfoPO's info_gain of this process's rows (see rlfw.probes): current policy, no grad, batched."""
+        prompt_ids = self._local_prompt_ids(output)
+        placeholder = probes.placeholder_ids(self._tokenizer)
+        return self._timed_probes(lambda: probes.info_gains(
+            prompt_ids, output["completion_ids"].tolist(), inputs, placeholder, self._probe_logprobs,
+            batch_size=self.args.per_device_train_batch_size, pad_token_id=self._tokenizer.pad_token_id,
+            num_chunks_fn=self._max_over_processes))
+
+    @staticmethod
+    def _local_prompt_ids(output: dict) -> list[list[int]]:
+        prompt_mask = output["prompt_mask"].bool()
+        return [ids[m].tolist() for ids, m in zip(output["prompt_ids"], prompt_mask, strict=True)]
+
+    def _timed_probes(self, run) -> list[list[float]]:
+        """Runs a probe computation on the policy (eval mode, no grad) and logs its time as probe_seconds."""
+        start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()  # the policy itself: no dropout, and no gradient checkpointing for a no-grad pass
         try:
             with torch.no_grad():
-                values = probes.answer_logprobs(
-                    prompt_ids, output["completion_ids"].tolist(), round_prefix_lens, rollout_probes,
-                    self._probe_logprobs, batch_size=self.args.per_device_train_batch_size,
-                    pad_token_id=self._tokenizer.pad_token_id, num_chunks_fn=self._max_over_processes)
+                values = run()
         finally:
             self.model.train(was_training)
-        name = getattr(self.estimator, "name", type(self.estimator).__name__)
-        self._metrics["train"][f"advantages/{name}/probe_seconds"].append(time.perf_counter() - start)
+        self._metrics["train"][f"advantages/{self.estimator.name}/probe_seconds"].append(time.perf_counter() - start)
         return values
 
     def _probe_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
@@ -179,43 +202,29 @@ class RLTrainer(GRPOTrainer):
         rewards[torch.isnan(rpf).all(dim=1)] = torch.nan  # unscorable, exactly as TRL
         n = rewards.numel()
         group_ids = torch.arange(n, device=device) // self.num_generations  # (N,) TRL's RepeatSampler order
-        fields = {name: self._gather_field(name, inputs, output) for name in OPTIONAL_FIELDS}
+        multi_turn = self.rollout_func is not None
+        local = LocalRows(inputs, output, multi_turn, frozenset(self.eos_token_ids) | {self._tokenizer.pad_token_id},
+                          trainer=self)
+        supplied, needs = supplied_fields(multi_turn), self.estimator.requires
+        fields = {name: self._gather_field(field, field.build(local)) for name, field in BATCH_FIELDS.items()
+                  if name in supplied and (field.always or name in needs)}
         return AdvantageBatch(rewards=rewards, group_ids=group_ids, step=self.state.global_step,
                               max_steps=max(self.state.max_steps, 1), **fields)
 
-    def _gather_field(self, name: str, inputs: list[dict], output: dict) -> torch.Tensor | None:
-        """One optional batch field, built per local row and gathered over processes (None if unavailable)."""
-        device = self.accelerator.device
-        multi_turn = self.rollout_func is not None
-        if name == "num_turns":
-            local = [row.get("num_turns", 1) for row in inputs] if multi_turn else [1] * len(inputs)
-        elif name == "num_tool_calls":
-            local = [row.get("num_tool_calls", 0) for row in inputs] if multi_turn else [0] * len(inputs)
-        elif name == "truncated":
-            if multi_turn:
-                local = [bool(row.get("truncated", False)) for row in inputs]
-            else:
-                eos = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
-                ids, mask = output["completion_ids"], output["completion_mask"]
-                last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
-                local = [int(t) not in eos for t in last.tolist()]
-            return self.accelerator.gather(torch.tensor(local, dtype=torch.bool, device=device))
-        elif name == "turn_rewards" and multi_turn:
-            rows = [row.get("turn_rewards") or [float("nan")] for row in inputs]
-            return self._gather_ragged(rows)
-        elif name == "answer_logprobs" and "rlfw_answer_logprobs" in output:
-            return self._gather_ragged(output.pop("rlfw_answer_logprobs"))
-        else:
-            return None
-        return self.accelerator.gather(torch.tensor(local, dtype=torch.long, device=device))
+    def _gather_field(self, field, values: list) -> torch.Tensor:
+        """One optional batch field from its per-local-row values, gathered over processes: (N,) or (N, K)."""
+        if field.per_turn:
+            return self._gather_ragged(values, field.dtype)
+        return self.accelerator.gather(torch.tensor(values, dtype=field.dtype, device=self.accelerator.device))
 
-    def _gather_ragged(self, rows: list[list[float]]) -> torch.Tensor:
-        """Per-row lists of different lengths -> (N, K) NaN-padded, gathered over processes."""
+    def _gather_ragged(self, rows: list[list], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-row lists of different lengths -> (N, K) padded (NaN for floats, 0 for integers), gathered."""
+        pad = float("nan") if dtype.is_floating_point else 0
         k = max(len(r) for r in rows)
-        local = torch.full((len(rows), k), torch.nan, device=self.accelerator.device)  # (N_local, K_local)
+        local = torch.full((len(rows), k), pad, dtype=dtype, device=self.accelerator.device)  # (N_local, K_local)
         for i, r in enumerate(rows):
-            local[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-        local = self.accelerator.pad_across_processes(local, dim=1, pad_index=float("nan"))
+            local[i, : len(r)] = torch.tensor(r, dtype=dtype)
+        local = self.accelerator.pad_across_processes(local, dim=1, pad_index=pad)
         return self.accelerator.gather(local)
 
     def _apply_advantages(self, inputs: list[dict], output: dict, batch: AdvantageBatch,
@@ -255,7 +264,7 @@ class RLTrainer(GRPOTrainer):
 
     def _log_advantages(self, advantages: torch.Tensor, result: AdvantageOutput) -> None:
         metrics = self._metrics["train"]
-        name = getattr(self.estimator, "name", type(self.estimator).__name__)
+        name = self.estimator.name
         per_completion = advantages if advantages.dim() == 1 else torch.nan_to_num(advantages).sum(1)
         metrics["advantages/mean"].append(per_completion.mean().item())
         metrics["advantages/std"].append(per_completion.std().item() if per_completion.numel() > 1 else 0.0)
@@ -273,7 +282,7 @@ class RLTrainer(GRPOTrainer):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         if torch.is_grad_enabled():
-            self._entropies = entropies  # TRL's own loss-forward entropies, with grad (EPO reuses them)
+            self._logps, self._entropies = logps, entropies  # TRL's own loss forward, with grad (loss terms reuse them)
         return logps, entropies, aux
 
     def _compute_loss(self, model, inputs):
@@ -281,23 +290,28 @@ class RLTrainer(GRPOTrainer):
         keep = inputs.get("rlfw_keep")
         if keep is not None and self.loss_type in ROW_MEAN_LOSSES and 0 < keep.sum() < keep.numel():
             loss = loss * (keep.numel() / keep.sum())  # dropped rows must not count in a per-row mean
-        loss_term = getattr(self.estimator, "loss_term", None)
-        if loss_term is not None and self.model.training and self._entropies is not None:
-            loss = loss + self._estimator_loss(loss_term, inputs)
+        if self.model.training and self._logps is not None:
+            if isinstance(self.estimator, HasLossTerm):
+                loss = self._add_estimator_loss(loss, inputs)
+            if isinstance(self.estimator, TracksSteps) and self.accelerator.sync_gradients:
+                self.estimator.on_optimizer_step(self._sum_over_processes)
         return loss
 
-    def _estimator_loss(self, loss_term, inputs) -> torch.Tensor:
+    def _add_estimator_loss(self, loss: torch.Tensor, inputs: dict) -> torch.Tensor:
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         turn_ids = torch.where(mask.bool(), inputs["rlfw_turn_ids"], torch.full_like(inputs["rlfw_turn_ids"], -1))
-        term = loss_term(self._entropies, mask, turn_ids, self.state.global_step, max(self.state.max_steps, 1))
-        stats = torch.stack([(self._entropies.detach() * mask).sum(), mask.sum()]).double().cpu()
-        self._entropy_window += stats
-        if self.accelerator.sync_gradients:
-            window = self.accelerator.reduce(self._entropy_window.to(self.accelerator.device), reduction="sum")
-            self.estimator.update_history(float(window[0] / window[1].clamp(min=1)))
-            self._entropy_window = torch.zeros(2, dtype=torch.float64)
+        old_logps = inputs.get("old_per_token_logps")
+        term = self.estimator.loss(LossInputs(
+            logps=self._logps, old_logps=self._logps.detach() if old_logps is None else old_logps,
+            entropies=self._entropies, mask=mask.bool(), turn_ids=turn_ids, step=self.state.global_step,
+            max_steps=max(self.state.max_steps, 1)))
+        if term is None:
+            return loss
         self._metrics["train"][f"advantages/{self.estimator.name}/loss_term"].append(term.item())
-        return term / self.current_gradient_accumulation_steps  # scaled for accumulation like TRL's own terms
+        return loss + term / self.current_gradient_accumulation_steps  # scaled for accumulation like TRL's own terms
+
+    def _sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value.to(self.accelerator.device), reduction="sum")
 
     # ------------------------------------------------------------------ checkpoints and preemption
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):

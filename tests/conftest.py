@@ -106,13 +106,8 @@ class ScriptedPolicy:
 
 
 def scripted(first: str):
-    """A ``make_rollout_func`` replacement whose rollouts use ScriptedPolicy(first) (monkeypatch it in)."""
-    from rlfw.rollout import make_rollout_func
-
-    def factory(env_cls, **kwargs):
-        return make_rollout_func(env_cls, **{**kwargs, "backend": lambda trainer: ScriptedPolicy(trainer, first)})
-
-    return factory
+    """A rollout backend factory (``RLTrainer(..., rollout_backend=scripted(first))``) playing ScriptedPolicy(first)."""
+    return lambda trainer: ScriptedPolicy(trainer, first)
 
 
 @pytest.fixture(scope="session")

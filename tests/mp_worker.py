@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 from transformers import TrainerCallback
@@ -238,16 +237,10 @@ def config_run(assets: str, name: str, output_dir, trainer_cls=ConfigRunTrainer,
     assert config.advantage_estimator == name and config.environment, ESTIMATOR_CONFIGS[name]
     train_dataset, _ = load_datasets(script_args)
     from rlfw.rewards import load_reward_func
-    from rlfw.rollout import make_rollout_func
 
-    def scripted_rollout_func(env_cls, **kwargs):
-        return make_rollout_func(env_cls, **{**kwargs, "backend": MixedBackend})
-
-    # RLTrainer builds its rollout function from rlfw.rollout at construction: give it the mixed backend.
-    with mock.patch("rlfw.rollout.make_rollout_func", scripted_rollout_func):
-        trainer = trainer_cls(model=assets, args=config, train_dataset=train_dataset,
-                              reward_funcs=[*map(load_reward_func, script_args.reward_funcs), hashed_reward],
-                              processing_class=load_tokenizer(assets))
+    trainer = trainer_cls(model=assets, args=config, train_dataset=train_dataset, rollout_backend=MixedBackend,
+                          reward_funcs=[*map(load_reward_func, script_args.reward_funcs), hashed_reward],
+                          processing_class=load_tokenizer(assets))
     trainer.train()
     return trainer
 

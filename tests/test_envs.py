@@ -26,8 +26,8 @@ def play(env: BaseEnvironment, trace: list[dict]) -> list[float | None]:
             arguments = json.loads(function["arguments"])  # a JSON string (see envs.episode.tool_call_message)
             assert tools[function["name"]](**arguments) is not None
         if not message.get("tool_calls"):
-            assert env._is_final(message["content"])
-        turn_rewards.append(env._turn_reward())
+            assert env._record_final_answer(message["content"])
+        turn_rewards.append(env._pop_turn_reward())
     return turn_rewards
 
 
@@ -85,8 +85,8 @@ def test_scripted_policy_correct_and_wrong(module):
         assert all(r is not None and r > 0 for r in turn_rewards[:-1]), turn_rewards
         assert turn_rewards[-1] is None  # the answer turn calls no tool
         assert env.get_reward() == 1.0
-        wrong = env._answer_probe("definitely wrong 123456")
-        assert env._is_final(wrong) and env.get_reward() == 0.0
+        wrong = env._format_final_answer("definitely wrong 123456")
+        assert env._record_final_answer(wrong) and env.get_reward() == 0.0
     rewards = module.REWARD_FUNCS[0](completions=[completion(t) for t in traces], answer=ds["answer"],
                                      **{c: list(ds[c]) for c in ds.column_names if c != "answer"})
     assert rewards == [1.0] * len(traces)
@@ -100,7 +100,7 @@ def test_reset_is_deterministic_and_clears_state(module):
     trace = conversations(module, 1, seed=2)[0]
     play(env, trace)
     env.reset(**row)
-    assert env.get_reward() == 0.0 and env._turn_reward() is None and env.tool_events == []
+    assert env.get_reward() == 0.0 and env._pop_turn_reward() is None and env.tool_events == []
     other = module.ENVIRONMENT()
     assert other.reset(**row) == env.reset(**row)
     assert play(other, trace) == play(env, trace)
@@ -135,18 +135,18 @@ def test_calculator_refuses(expression, message):
     env = calculator.CalculatorEnv()
     with pytest.raises(ValueError, match=message):
         env.calculate(expression)
-    assert env._turn_reward() == 0.0  # the failed call is recorded for the turn reward
+    assert env._pop_turn_reward() == 0.0  # the failed call is recorded for the turn reward
 
 
 def test_calculator_turn_rewards_and_numeric_compare():
     env = calculator.CalculatorEnv()
     env.reset(answer="42")
     env.calculate("40 + 2")
-    assert env._turn_reward() == calculator.TOOL_SUCCESS_REWARD
-    assert env._turn_reward() is None
-    env._is_final("<answer>42.0</answer>")
+    assert env._pop_turn_reward() == calculator.TOOL_SUCCESS_REWARD
+    assert env._pop_turn_reward() is None
+    env._record_final_answer("<answer>42.0</answer>")
     assert env.get_reward() == 1.0
-    assert env._is_final("The answer is 42") is False and env.get_reward() == 0.0
+    assert env._record_final_answer("The answer is 42") is False and env.get_reward() == 0.0
 
 
 def test_calculator_difficulty():
@@ -181,19 +181,19 @@ def test_search_multi_hop_chains_need_each_search():
             assert target in text, (question["question"], entity)
 
 
-def test_search_index_shared_and_turn_reward():
+def test_search_index_shared_and_pop_turn_reward():
     assert search_qa.get_index(0) is search_qa.get_index(0)
     row = next(r for r in search_qa.build_dataset(50, seed=0) if r["num_hops"] == 3)
     env = search_qa.SearchQAEnv()
     env.reset(**row)
     assert env.index is search_qa.SearchQAEnv().index
     assert env.search("qqqq zzzz") == "No documents found."
-    assert env._turn_reward() == 0.0
+    assert env._pop_turn_reward() == 0.0
     env.search(row["chain"][0])
-    assert env._turn_reward() == 1.0
+    assert env._pop_turn_reward() == 1.0
     env.search(row["chain"][0])
-    assert env._turn_reward() == 0.0  # nothing new
-    assert env._is_final(env._answer_probe(row["answer"])) and env.get_reward() == 1.0
+    assert env._pop_turn_reward() == 0.0  # nothing new
+    assert env._record_final_answer(env._format_final_answer(row["answer"])) and env.get_reward() == 1.0
 
 
 def test_search_qa_f1_partial_credit():
@@ -233,15 +233,15 @@ def test_python_extract_code_formats():
     assert python_sandbox.extract_code("no code here") is None
 
 
-def test_python_tool_output_and_turn_reward():
+def test_python_tool_output_and_pop_turn_reward():
     env = python_sandbox.PythonSandboxEnv()
     env.reset(**python_sandbox.build_dataset(1)[0])
     assert env.run_python("print(6 * 7)") == "42"
-    assert env._turn_reward() == python_sandbox.CLEAN_RUN_REWARD
+    assert env._pop_turn_reward() == python_sandbox.CLEAN_RUN_REWARD
     out = env.run_python("raise RuntimeError('boom')")
     assert "RuntimeError: boom" in out and "[exit code 1]" in out
-    assert env._turn_reward() == 0.0
-    assert env._is_final("I give up") is False and env.get_reward() == 0.0
+    assert env._pop_turn_reward() == 0.0
+    assert env._record_final_answer("I give up") is False and env.get_reward() == 0.0
 
 
 def test_calculator_imperfect_demonstrator():

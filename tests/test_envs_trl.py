@@ -80,7 +80,7 @@ def test_environment_runs_under_plain_trl(name, assets, tmp_path, monkeypatch):
     if name == "python_sandbox":
         assert all(e["ok"] for e in events)
     # Both reward sources are columns: the completion-based reward function and the env's get_reward (which is
-    # 0.0 here, since plain TRL never calls _is_final; see docs/environments.md).
+    # 0.0 here, since plain TRL never calls _record_final_answer; see docs/environments.md).
     assert f"rewards/{module.REWARD_FUNCS[0].__name__}/mean" in logs[-1]
     assert logs[-1][f"rewards/{module.ENVIRONMENT.__name__}/mean"] == 0.0
 

@@ -89,8 +89,8 @@ class ProbeCheckingTrainer(ConfigRunTrainer):
         super().__init__(*args, **kwargs)
         self.probe_checks: list[tuple[int, int, float, float]] = []  # (row, round, batched, reference)
 
-    def _answer_probes(self, inputs, output):
-        values = super()._answer_probes(inputs, output)
+    def answer_probes(self, inputs, output):
+        values = super().answer_probes(inputs, output)
         model = self.model
         model.eval()
         tokenizer = self.processing_class
@@ -172,12 +172,12 @@ def test_tokenize_probe_finds_the_answer_tokens(tokenizer):
 
 def test_rollout_probes_use_the_environment_and_need_an_answer(tokenizer):
     class Env:
-        def _answer_probe(self, answer):
+        def _format_final_answer(self, answer):
             return f"The answer is {answer}."
 
     first, bare = probes.rollout_probes(tokenizer, [{"answer": ["7", "seven"]}, {"answer": 7}], [Env(), object()])
     assert first.num_answer_tokens == len(tokenizer.encode("7", add_special_tokens=False))  # first alias
-    assert list(bare.ids) == tokenizer.encode("7", add_special_tokens=False)  # no _answer_probe: the bare answer
+    assert list(bare.ids) == tokenizer.encode("7", add_special_tokens=False)  # no _format_final_answer: the bare answer
     with pytest.raises(ValueError, match="needs the ground truth in a dataset column 'answer'"):
         probes.rollout_probes(tokenizer, [{"prompt": "q"}], None)
 

@@ -91,7 +91,7 @@ class CalcEnv:
     def get_reward(self) -> float:
         return 1.0
 
-    def _turn_reward(self):
+    def _pop_turn_reward(self):
         self.turns += 1
         return float(self.turns)
 
@@ -238,7 +238,7 @@ class NoHooksEnv:
 
 
 class NotFinalEnv(NoHooksEnv):
-    def _is_final(self, text):
+    def _record_final_answer(self, text):
         return "FINAL" in text
 
 
@@ -247,7 +247,7 @@ def test_turn_rewards_nan_without_hook(tok):
     assert ep.num_turns == 1 and math.isnan(ep.turn_rewards[0])
 
 
-def test_is_final_hook_keeps_the_episode_going(tok):
+def test_record_final_answer_hook_keeps_the_episode_going(tok):
     (ep,), _, _ = run(tok, [["thinking<|end|>", "FINAL<|end|>"]], env_cls=NotFinalEnv)
     assert ep.num_turns == 2 and not ep.truncated
     assert tok.decode(ep.completion_ids) == "thinking<|end|><|assistant|>FINAL<|end|>"

@@ -37,7 +37,7 @@ class AddEnv:
     def get_reward(self) -> float:
         return 1.0 if self.result == 5 else 0.0
 
-    def _turn_reward(self):
+    def _pop_turn_reward(self):
         return 0.5
 
 
@@ -95,13 +95,8 @@ def test_rollout_func_trains_under_plain_grpo_trainer(tmp_path):
 
 
 def test_unknown_backend_is_rejected_before_generation():
-    rollout_func = make_rollout_func(AddEnv, max_turns=2, backend="tpu")
-
-    class FakeTrainer:
-        rollout_rows = None
-
-    with pytest.raises((ValueError, AttributeError)):
-        rollout_func([[{"role": "user", "content": "x"}]], FakeTrainer())
+    with pytest.raises(ValueError, match=r"Unknown rollout backend 'tpu'; use one of \['hf', 'vllm'\]"):
+        make_rollout_func(AddEnv, max_turns=2, backend="tpu")
 
 
 @pytest.mark.gpu

@@ -103,11 +103,10 @@ def test_single_column_advantages_reach_every_policy_token(tmp_path, tiny_assets
     assert torch.equal(out["advantages"], expected)
 
 
-def test_per_turn_advantages_reach_policy_tokens_only(tmp_path, tiny_assets, tokenizer, make_config, monkeypatch):
-    # RLTrainer builds its rollout function from rlfw.rollout at construction: give it the scripted backend.
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(tool_call("add", a=2, b=3)))
+def test_per_turn_advantages_reach_policy_tokens_only(tmp_path, tiny_assets, tokenizer, make_config):
     args = make_config(max_steps=1, max_turns=3, max_completion_length=64)
-    trainer = stashing_trainer(tiny_assets, tokenizer, args, estimator=TurnEstimator(), environment_factory=AddEnv)
+    trainer = stashing_trainer(tiny_assets, tokenizer, args, estimator=TurnEstimator(), environment_factory=AddEnv,
+                               rollout_backend=scripted(tool_call("add", a=2, b=3)))
     trainer.train()
     (batch, result, out), = trainer.applied
     assert batch.num_turns.tolist() == [2, 2, 2, 2] and batch.num_tool_calls.tolist() == [1, 1, 1, 1]

@@ -1,6 +1,7 @@
 """Advantage estimators, chosen by name (``advantage_estimator``) with options (``advantage_kwargs``).
 
-To add one: write a class meeting the contract in ``base.py`` in its own file and add it to ``ESTIMATORS``.
+To add one: write a class meeting the contract in ``base.py`` in its own file and add it to ``ESTIMATORS``; a new
+batch field it needs is one entry in ``fields.BATCH_FIELDS``.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ import inspect
 from typing import Any
 
 from rlfw.advantages.base import (
-    OPTIONAL_FIELDS,
     AdvantageBatch,
     AdvantageOutput,
     BaseEstimator,
+    ChecksConfig,
     Estimator,
+    HasLossTerm,
+    LossInputs,
+    Stateful,
+    TracksSteps,
 )
 from rlfw.advantages.epo import EPO
+from rlfw.advantages.fields import BATCH_FIELDS, BatchField, register_field
 from rlfw.advantages.gated import Gated
 from rlfw.advantages.grpo import GRPO
 from rlfw.advantages.igpo import IGPO
@@ -70,12 +76,19 @@ def _lookup(name: str) -> type:
 
 
 __all__ = [
+    "BATCH_FIELDS",
     "ESTIMATORS",
-    "OPTIONAL_FIELDS",
     "AdvantageBatch",
     "AdvantageOutput",
     "BaseEstimator",
+    "BatchField",
+    "ChecksConfig",
     "Estimator",
+    "HasLossTerm",
+    "LossInputs",
+    "Stateful",
+    "TracksSteps",
+    "register_field",
     "build_estimator",
     "check_estimator_options",
     "estimator_options",

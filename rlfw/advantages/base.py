@@ -2,44 +2,64 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from rlfw.advantages.fields import BATCH_FIELDS
+
 Tensor = torch.Tensor
-
-# Optional batch fields an estimator may declare in `requires`.
-OPTIONAL_FIELDS = ("num_tool_calls", "num_turns", "truncated", "turn_rewards", "answer_logprobs")
+CORE_FIELDS = ("rewards", "group_ids", "step", "max_steps")
 
 
-@dataclass(frozen=True)
 class AdvantageBatch:
-    """Everything an estimator may read, gathered over all processes in TRL's row order.
+    """Everything an estimator may read, gathered over all processes in TRL's row order (immutable).
 
     N = completions in the generation batch (G consecutive per prompt); K = max assistant turns.
+
+        rewards    (N,) float  weighted sum of reward functions; NaN = unscorable
+        group_ids  (N,) int64  completions of one prompt share an id; non-decreasing
+        step, max_steps        optimizer step and planned total (for schedules)
+
+    plus one keyword per optional field of ``rlfw.advantages.fields.BATCH_FIELDS`` (None when absent), read as
+    attributes (``batch.turn_rewards``).
     """
 
-    rewards: Tensor  # (N,) float: weighted sum of reward functions; NaN = unscorable
-    group_ids: Tensor  # (N,) int64: completions of one prompt share an id; non-decreasing
-    num_tool_calls: Tensor | None = None  # (N,) int64
-    num_turns: Tensor | None = None  # (N,) int64, >= 1
-    truncated: Tensor | None = None  # (N,) bool: ended without a final answer
-    turn_rewards: Tensor | None = None  # (N, K) float: immediate reward per assistant turn; NaN = none
-    answer_logprobs: Tensor | None = None  # (N, K) float: IGPO probe after t completed rounds; NaN elsewhere
-    step: int = 0  # optimizer step
-    max_steps: int = 1  # planned total steps
+    rewards: Tensor
+    group_ids: Tensor
+    step: int
+    max_steps: int
 
-    def __post_init__(self):
-        n = self.rewards.shape[0]
-        if self.rewards.dim() != 1 or self.group_ids.shape != (n,):
-            raise ValueError(f"rewards and group_ids must both be (N,); got {tuple(self.rewards.shape)} and "
-                             f"{tuple(self.group_ids.shape)}")
-        for name in OPTIONAL_FIELDS:
-            value = getattr(self, name)
+    def __init__(self, rewards: Tensor, group_ids: Tensor, *, step: int = 0, max_steps: int = 1,
+                 **fields: Tensor | None):
+        unknown = sorted(set(fields) - set(BATCH_FIELDS))
+        if unknown:
+            raise TypeError(f"AdvantageBatch has no field(s) {unknown}; optional fields: {sorted(BATCH_FIELDS)} "
+                            "(a new one is registered with rlfw.advantages.fields.register_field)")
+        n = rewards.shape[0]
+        if rewards.dim() != 1 or group_ids.shape != (n,):
+            raise ValueError(f"rewards and group_ids must both be (N,); got {tuple(rewards.shape)} and "
+                             f"{tuple(group_ids.shape)}")
+        values = {"rewards": rewards, "group_ids": group_ids, "step": step, "max_steps": max_steps}
+        for name in BATCH_FIELDS:
+            value = fields.get(name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"AdvantageBatch.{name} has {value.shape[0]} rows, expected {n}")
+            values[name] = value
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("AdvantageBatch is immutable; use batch.replace(field=value)")
+
+    def replace(self, **changes: Any) -> AdvantageBatch:
+        """A copy with some fields changed."""
+        return AdvantageBatch(**{**vars(self), **changes})
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else v for k, v in vars(self).items() if v is not None}
+        return f"AdvantageBatch({shapes})"
 
 
 @dataclass
@@ -55,9 +75,33 @@ class AdvantageOutput:
             self.keep = torch.ones(self.advantages.shape[0], dtype=torch.bool, device=self.advantages.device)
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss-level term receives for one micro-batch on this process (B rows, T completion tokens).
+
+    Tensors are TRL's own, from its loss forward (no second forward): ``logps`` and ``entropies`` carry the grad.
+    """
+
+    logps: Tensor  # (B, T) log pi of the sampled tokens, current policy, with grad
+    old_logps: Tensor  # (B, T) log pi_old, the policy the batch was sampled with (TRL's old_per_token_logps), detached
+    entropies: Tensor  # (B, T) per-token entropy of the current policy, with grad
+    mask: Tensor  # (B, T) bool: policy tokens in the loss (tool tokens and keep=False rows excluded)
+    turn_ids: Tensor  # (B, T) int64: assistant turn of each policy token, -1 elsewhere
+    step: int  # optimizer step
+    max_steps: int  # planned total steps
+
+
+SumOverProcesses = Callable[[Tensor], Tensor]  # a tensor -> its elementwise sum over all processes
+
+
 @runtime_checkable
 class Estimator(Protocol):
-    """What RLTrainer calls. Options are constructor arguments; state is optional."""
+    """What RLTrainer calls: ``estimator(batch) -> AdvantageOutput``. Options are constructor arguments.
+
+    ``requires`` names the optional batch fields it reads (``rlfw.advantages.fields.BATCH_FIELDS``). The optional
+    capabilities below are separate protocols; BaseEstimator implements each as a no-op, and the trainer calls only
+    those an estimator implements.
+    """
 
     name: str
     requires: frozenset[str]
@@ -65,8 +109,41 @@ class Estimator(Protocol):
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput: ...
 
 
+@runtime_checkable
+class ChecksConfig(Protocol):
+    """Validates the whole run configuration before any model loads (RLConfig and RLTrainer call it)."""
+
+    def check_config(self, config: Any) -> None:
+        """Raise ValueError, with the fix, for a config this estimator cannot work with (config: an RLConfig)."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Keeps state across steps; it is saved in every checkpoint and restored on resume (JSON-serialisable)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class HasLossTerm(Protocol):
+    """Adds a term to TRL's loss, per micro-batch; the trainer scales it for gradient accumulation like TRL's."""
+
+    def loss(self, inputs: LossInputs) -> Tensor | None:
+        """A differentiable scalar added to the loss, or None for no term."""
+
+
+@runtime_checkable
+class TracksSteps(Protocol):
+    """Called once per optimizer step on every process (after the step's last micro-batch term), to update
+    statistics the estimator keeps; ``sum_over_processes`` reduces what the micro-batches of this process saw."""
+
+    def on_optimizer_step(self, sum_over_processes: SumOverProcesses) -> None: ...
+
+
 class BaseEstimator:
-    """Convenience base: no state, no requirements, option validation helpers."""
+    """Convenience base: no requirements, every optional capability a no-op, option validation helpers."""
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
@@ -74,10 +151,19 @@ class BaseEstimator:
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_config(self, config: Any) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def loss(self, inputs: LossInputs) -> Tensor | None:
+        return None
+
+    def on_optimizer_step(self, sum_over_processes: SumOverProcesses) -> None:
         pass
 
     @staticmethod
@@ -92,4 +178,4 @@ class BaseEstimator:
 
 def replace_rewards(batch: AdvantageBatch, rewards: Tensor) -> AdvantageBatch:
     """The same batch with other outcome rewards (used by estimators that reshape rewards, then call grpo)."""
-    return dataclasses.replace(batch, rewards=rewards)
+    return batch.replace(rewards=rewards)

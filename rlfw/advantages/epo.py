@@ -10,7 +10,9 @@ Advantages are grpo's. EPO adds a loss term on the per-token entropies H (with g
     loss    += -lam * (L_H - beta_k * L_smooth)
 
 Hbar is the cumulative mean of the per-step mean token entropies of all previous optimizer steps, kept as
-estimator state (checkpointed). The trainer scales the term for gradient accumulation.
+estimator state (checkpointed): ``loss`` adds each micro-batch's detached entropy sums to a window, and
+``on_optimizer_step`` folds the window, summed over processes, into the history. The trainer scales the term for
+gradient accumulation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from rlfw import ops
-from rlfw.advantages.base import AdvantageBatch, AdvantageOutput, BaseEstimator
+from rlfw.advantages.base import AdvantageBatch, AdvantageOutput, BaseEstimator, LossInputs, SumOverProcesses
 from rlfw.advantages.grpo import group_normalized
 
 
@@ -48,6 +50,7 @@ class EPO(BaseEstimator):
         self.kappa_low, self.kappa_high = float(kappa_low), float(kappa_high)
         self._entropy_sum = 0.0
         self._entropy_steps = 0
+        self._window = torch.zeros(2, dtype=torch.float64)  # this step's (entropy sum, token count) so far
 
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput:
         adv = group_normalized(batch.rewards, batch.group_ids)  # (N,)
@@ -79,6 +82,18 @@ class EPO(BaseEstimator):
         penalty = torch.relu(self.kappa_low * hbar - entropies) + torch.relu(entropies - self.kappa_high * hbar)
         l_smooth = ops.nested_turn_mean(self.alpha * penalty, mask, turn_ids)
         return -self.lam * (l_h - self.beta(step, max_steps) * l_smooth)
+
+    def loss(self, inputs: LossInputs) -> torch.Tensor:
+        """The EPO term of one micro-batch; its detached entropies join this step's window."""
+        mask = inputs.mask
+        self._window += torch.stack([(inputs.entropies.detach() * mask).sum(), mask.sum()]).double().cpu()
+        return self.loss_term(inputs.entropies, mask, inputs.turn_ids, inputs.step, inputs.max_steps)
+
+    def on_optimizer_step(self, sum_over_processes: SumOverProcesses) -> None:
+        # EPO Alg. 1: the history holds the step's mean token entropy over the whole batch (all processes).
+        window = sum_over_processes(self._window)
+        self.update_history(float(window[0] / window[1].clamp(min=1)))
+        self._window = torch.zeros(2, dtype=torch.float64)
 
     def update_history(self, mean_entropy: float) -> None:
         """Add one optimizer step's detached batch mean token entropy (non-finite values are skipped)."""

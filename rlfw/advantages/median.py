@@ -13,6 +13,7 @@ stay in the loss. NaN rewards enter neither median nor scale and get 0.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -36,6 +37,9 @@ class Median(BaseEstimator):
         self.mad_eps = float(mad_eps)
         self.rescale_nonzero = bool(rescale_nonzero)
         self._warned_mad_zero = False
+
+    def check_config(self, config: Any) -> None:
+        self.validate_config(config.num_generations)
 
     def validate_config(self, num_generations: int) -> None:
         # MC-GRPO: an odd group makes the median an actual sample, the pivot.

@@ -7,11 +7,16 @@ and slicing after the dummy's last EOS (the trick of TRL's ``_get_tool_suffix_id
 depend on how long the conversation already is, and nothing the policy sampled is ever re-tokenized.
 
 Shapes: per completion, ``completion_ids``, ``logprobs``, ``env_mask`` and ``turn_ids`` all have length L (policy
-plus env tokens, L <= max_completion_length); ``turn_rewards`` and ``round_prefix_lens`` have length ``num_turns``.
+plus env tokens, L <= max_completion_length); ``turn_rewards``, ``turn_tool_calls`` and ``round_prefix_lens`` have
+length ``num_turns``.
+
+The environment's optional hooks (``rlfw.environment``) are called here: ``_record_final_answer`` for an assistant
+turn without tool calls, ``_pop_turn_reward`` after every turn, ``_final_turn_rewards`` once the episode is over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -19,12 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlfw.environment import environment_tools
+from rlfw.environment import environment_tools, final_turn_rewards, pop_turn_reward, record_final_answer
 from rlfw.rollout.backends import Backend
 from rlfw.tools import ParsedTurn, ToolExecutor, detect_parser
 from rlfw.tools.execution import count_outcomes
 
 logger = logging.getLogger(__name__)
+
+# Per-completion keys describing an episode's structure (the batch fields it supplies come from the field registry).
+STRUCTURE_KEYS = ("turn_ids", "round_prefix_lens", "turn_tool_calls", "reset_error")
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Episode:
     env_mask: list[int] = field(default_factory=list)
     turn_ids: list[int] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
+    turn_tool_calls: list[int] = field(default_factory=list)  # tool calls run after each turn
     round_prefix_lens: list[int] = field(default_factory=lambda: [0])
     num_tool_calls: int = 0
     truncated: bool = False
@@ -60,9 +69,9 @@ class Episode:
         self.done, self.truncated = True, truncated
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("prompt_ids", "completion_ids", "logprobs", "env_mask", "turn_ids", "turn_rewards",
-                "round_prefix_lens", "num_tool_calls", "truncated", "reset_error", "messages")
-        return {"num_turns": self.num_turns, **{k: getattr(self, k) for k in keys}}
+        """Token lists, structure, the batch fields the rollout supplies, and the messages."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("done", "tool_counts")}
+        return {**record, "num_turns": self.num_turns}
 
 
 def _assistant_message(parsed: ParsedTurn) -> dict[str, Any]:
@@ -72,17 +81,6 @@ def _assistant_message(parsed: ParsedTurn) -> dict[str, Any]:
             {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls
         ]
     return message
-
-
-def _turn_reward(env: Any) -> float:
-    hook = getattr(env, "_turn_reward", None)
-    value = hook() if hook is not None else None
-    return math.nan if value is None else float(value)
-
-
-def _is_final(env: Any, text: str) -> bool:
-    hook = getattr(env, "_is_final", None)
-    return True if hook is None else bool(hook(text))
 
 
 def _with_observation(prompt: Any, observation: str | None) -> list[dict[str, Any]]:
@@ -170,6 +168,7 @@ class RolloutEngine:
                            episode.reset_error, prompt)
             episode.extend([self.tokenizer.eos_token_id], None, -1)
             episode.turn_rewards.append(math.nan)  # one empty turn, so per-turn estimators see a well-formed row
+            episode.turn_tool_calls.append(0)
             episode.finish(truncated=True)
             return episode
         messages = _with_observation(prompt, observation)
@@ -186,6 +185,9 @@ class RolloutEngine:
             if not self._any_active(bool(active)):
                 break
             self.step(turn, [episodes[i] for i in active], [envs[i] for i in active], [tools[i] for i in active])
+        for ep, env in zip(episodes, envs, strict=True):
+            if ep.reset_error is None:
+                ep.turn_rewards = final_turn_rewards(env, ep.turn_rewards)
         return episodes
 
     def step(self, turn: int, episodes: list[Episode], envs: list[Any], tools: list[dict]) -> None:
@@ -202,7 +204,7 @@ class RolloutEngine:
             last_turn = turn + 1 == self.max_turns
             if not ids or ids[-1] not in self.eos_ids:  # ran out of token budget mid-turn
                 ep.finish(truncated=True)
-            elif not parsed.has_calls and _is_final(env, text):
+            elif not parsed.has_calls and record_final_answer(env, text):
                 ep.finish(truncated=False)
             elif last_turn:  # no turn left to read tool results: the calls are not run
                 ep.finish(truncated=True)
@@ -216,6 +218,8 @@ class RolloutEngine:
         by_episode: dict[int, list] = {}
         for ep, outcome in zip(owners, outcomes, strict=True):
             by_episode.setdefault(id(ep), [ep, []])[1].append(outcome)
+        for ep in episodes:
+            ep.turn_tool_calls.append(len(by_episode.get(id(ep), (None, []))[1]))
         for ep, ep_outcomes in by_episode.values():
             ep.num_tool_calls += len(ep_outcomes)
             ep.tool_counts.update(count_outcomes(ep_outcomes))
@@ -225,7 +229,8 @@ class RolloutEngine:
         for ep, messages in continuing:
             self._append_env_turn(ep, messages)
         for ep, env in zip(episodes, envs, strict=True):
-            ep.turn_rewards.append(_turn_reward(env))
+            reward = pop_turn_reward(env)
+            ep.turn_rewards.append(math.nan if reward is None else reward)
 
     def _append_env_turn(self, ep: Episode, messages: list[dict]) -> None:
         suffix = self.env_suffix_ids(messages)

@@ -1,19 +1,56 @@
-"""``make_rollout_func``: the engine behind TRL's experimental ``rollout_func(prompts, trainer) -> dict`` contract."""
+"""``make_rollout_func``: the engine behind TRL's experimental ``rollout_func(prompts, trainer) -> dict`` contract.
+
+Generation backends are chosen from ``ROLLOUT_BACKENDS`` (``rollout_backend`` in RLConfig, checked there), or given as
+a factory ``trainer -> Backend`` (``RLTrainer(..., rollout_backend=factory)``, ``register_backend``).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rlfw.rollout.backends import HFBackend, VLLMBackend
-from rlfw.rollout.engine import Episode, RolloutEngine
+from rlfw.advantages.fields import rollout_keys
+from rlfw.rollout.backends import Backend, HFBackend, VLLMBackend
+from rlfw.rollout.engine import STRUCTURE_KEYS, Episode, RolloutEngine
 from rlfw.tools.execution import METRIC_KEYS
 
-PER_COMPLETION_KEYS = ("turn_ids", "num_turns", "num_tool_calls", "turn_rewards", "truncated", "round_prefix_lens",
-                       "reset_error")
+# Returned per completion besides the token lists: the episode's structure and the batch fields it supplies.
+PER_COMPLETION_KEYS = (*STRUCTURE_KEYS, *rollout_keys())
+
+BackendFactory = Callable[[Any], Backend]  # trainer -> Backend
+
+
+@dataclass(frozen=True)
+class RolloutBackend:
+    """A registered generation backend: its factory, and whether it runs on TRL's vLLM integration."""
+
+    factory: BackendFactory
+    uses_vllm: bool = False  # RLConfig turns use_vllm on (TRL then syncs weights before each rollout)
+
+
+ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
+    "hf": RolloutBackend(HFBackend.from_trainer),
+    "vllm": RolloutBackend(VLLMBackend, uses_vllm=True),
+}
+
+
+def register_backend(name: str, factory: BackendFactory, *, uses_vllm: bool = False) -> None:
+    """Make ``factory`` selectable as ``rollout_backend: <name>`` in configs."""
+    ROLLOUT_BACKENDS[name] = RolloutBackend(factory, uses_vllm)
+
+
+def backend_factory(backend: str | BackendFactory) -> BackendFactory:
+    """The factory of a registered backend name, or ``backend`` itself when it is a factory."""
+    if callable(backend):
+        return backend
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"Unknown rollout backend {backend!r}; use one of {sorted(ROLLOUT_BACKENDS)}, or pass a "
+                         "factory trainer -> Backend (RLTrainer(..., rollout_backend=factory)).")
+    return ROLLOUT_BACKENDS[backend].factory
 
 
 def _chat_template(trainer: Any) -> str | None:
@@ -30,15 +67,8 @@ def _chat_template(trainer: Any) -> str | None:
     return None
 
 
-def _build_engine(trainer: Any, backend: str | Callable[[Any], Any], **engine_kwargs: Any) -> RolloutEngine:
-    if callable(backend):  # a factory trainer -> Backend, for custom generation
-        generator = backend(trainer)
-    elif backend == "hf":
-        generator = HFBackend.from_trainer(trainer)
-    elif backend == "vllm":
-        generator = VLLMBackend(trainer)
-    else:
-        raise ValueError(f"Unknown rollout backend {backend!r}; use 'hf' or 'vllm'.")
+def _build_engine(trainer: Any, factory: BackendFactory, **engine_kwargs: Any) -> RolloutEngine:
+    generator = factory(trainer)
     accelerator = trainer.accelerator
 
     def any_active(local: bool) -> bool:
@@ -91,7 +121,7 @@ def log_metrics(trainer: Any, episodes: list[Episode]) -> None:
 
 
 def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_timeout: float = 30.0,
-                      max_tool_result_chars: int = 2000, parser: Any = None, backend: str | Callable[[Any], Any] = "hf"
+                      max_tool_result_chars: int = 2000, parser: Any = None, backend: str | BackendFactory = "hf"
                       ) -> Callable[[list, Any], dict[str, list]]:
     """A TRL ``rollout_func(prompts, trainer)`` running the multi-turn engine with one env per completion.
 
@@ -106,12 +136,14 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
       answer), ``round_prefix_lens`` (completion length at the start of each turn; first is 0), ``reset_error``
       (None, or why the environment's reset raised: that episode is unscorable)
 
-    ``backend``: "hf" (transformers generate), "vllm" (the trainer's vLLM) or a factory ``trainer -> Backend``.
+    ``backend``: a name in ``ROLLOUT_BACKENDS`` ("hf": transformers generate, "vllm": the trainer's vLLM) or a
+    factory ``trainer -> Backend``.
     """
     if backend == "vllm":
         from rlfw.rollout.backends import require_vllm
 
         require_vllm()
+    factory = backend_factory(backend)
     engines: dict[int, RolloutEngine] = {}
     pool: list[Any] = []
 
@@ -120,7 +152,7 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
         if len(rows) != len(prompts):
             raise ValueError(f"trainer.rollout_rows has {len(rows)} rows for {len(prompts)} prompts")
         if id(trainer) not in engines:
-            engines[id(trainer)] = _build_engine(trainer, backend, max_turns=max_turns, parser=parser,
+            engines[id(trainer)] = _build_engine(trainer, factory, max_turns=max_turns, parser=parser,
                                                  tool_timeout=tool_timeout, max_tool_result_chars=max_tool_result_chars)
         while len(pool) < len(rows):
             pool.append(env_factory())
@@ -128,9 +160,9 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
         episodes = engines[id(trainer)].run(rows, envs, prompts=prompts)
         trainer.environments = list(envs)
         log_metrics(trainer, episodes)
-        out = {k: [getattr(ep, k) for ep in episodes] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask")}
-        out.update({k: [getattr(ep, k) for ep in episodes] for k in PER_COMPLETION_KEYS})
-        return out
+        records = [ep.to_dict() for ep in episodes]
+        return {k: [r[k] for r in records] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
+                                                      *PER_COMPLETION_KEYS)}
 
     return rollout_func
 

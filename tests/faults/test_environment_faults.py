@@ -23,12 +23,13 @@ def _release_hung_tools():
     RELEASE.set()  # abandoned tool threads end with the test
 
 
-def run(tiny_assets, tokenizer, args, env, rows=None):
+def run(tiny_assets, tokenizer, args, env, rows=None, first=None):
     from datasets import Dataset
 
     from rlfw.trainer import RLTrainer
 
     trainer = recording(RLTrainer)(model=tiny_assets, reward_funcs=[], args=args, environment_factory=env,
+                                   rollout_backend=scripted(first) if first is not None else None,
                                    train_dataset=Dataset.from_list(rows or prompt_rows()), processing_class=tokenizer)
     trainer.train()
     return trainer
@@ -44,12 +45,11 @@ def logged(trainer, key: str) -> list[float]:
     return [e[key] for e in trainer.state.log_history if "reward" in e]
 
 
-def test_reset_that_raises_fails_only_its_episodes(tiny_assets, tokenizer, make_config, monkeypatch, caplog):
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(tool_call("add", a=2, b=3)))
+def test_reset_that_raises_fails_only_its_episodes(tiny_assets, tokenizer, make_config, caplog):
     rows = [{**row, "bad_row": i == 0} for i, row in enumerate(prompt_rows(2))]  # every batch holds both rows
     args = make_config(max_steps=2, per_device_train_batch_size=8, max_turns=2, max_completion_length=64)
     with caplog.at_level("WARNING", logger="rlfw.rollout.engine"):
-        trainer = run(tiny_assets, tokenizer, args, AddEnv, rows)
+        trainer = run(tiny_assets, tokenizer, args, AddEnv, rows, first=tool_call("add", a=2, b=3))
     assert trainer.state.global_step == 2
     assert logged(trainer, "rollout/reset_errors") == [4.0, 4.0]
     assert "AddEnv.reset raised KeyError: 'document_id'" in caplog.text and "Fix reset() or the row" in caplog.text
@@ -60,21 +60,19 @@ def test_reset_that_raises_fails_only_its_episodes(tiny_assets, tokenizer, make_
         assert (out["completion_mask"] * out["tool_mask"])[failed].sum() == 0  # nothing of them is trained on
 
 
-def test_hung_tool_times_out_and_the_step_goes_on(tiny_assets, tokenizer, make_config, monkeypatch):
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(tool_call("wait", seconds=60)))
+def test_hung_tool_times_out_and_the_step_goes_on(tiny_assets, tokenizer, make_config):
     args = make_config(max_steps=2, max_turns=2, max_completion_length=64, tool_timeout=0.3)
     start = time.monotonic()
-    trainer = run(tiny_assets, tokenizer, args, HangingEnv)
+    trainer = run(tiny_assets, tokenizer, args, HangingEnv, first=tool_call("wait", seconds=60))
     assert time.monotonic() - start < 30
     assert logged(trainer, "tools/timeouts") == [4.0, 4.0] and logged(trainer, "turns/mean") == [2.0, 2.0]
     for text in episode_texts(trainer, tokenizer):  # what the model read after its call
         assert "Error: tool 'wait' exceeded the 0.3 s timeout." in text
 
 
-def test_tool_output_of_megabytes_is_truncated(tiny_assets, tokenizer, make_config, monkeypatch):
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(tool_call("dump", size=8_000_000)))
+def test_tool_output_of_megabytes_is_truncated(tiny_assets, tokenizer, make_config):
     args = make_config(max_steps=1, max_turns=2, max_completion_length=256, max_tool_result_chars=100)
-    trainer = run(tiny_assets, tokenizer, args, FloodingEnv)
+    trainer = run(tiny_assets, tokenizer, args, FloodingEnv, first=tool_call("dump", size=8_000_000))
     assert logged(trainer, "tools/truncated") == [4.0] and logged(trainer, "turns/mean") == [2.0]
     (_, _, out), = trainer.applied
     env_tokens = (out["completion_mask"] * (1 - out["tool_mask"])).sum(1)  # (N,) tool-result tokens per episode
@@ -83,13 +81,11 @@ def test_tool_output_of_megabytes_is_truncated(tiny_assets, tokenizer, make_conf
         assert "x" * 100 + "... [truncated 7999900 chars]" in text and "x" * 101 not in text
 
 
-def test_token_budget_ending_inside_a_tool_call_truncates_the_episode(tiny_assets, tokenizer, make_config,
-                                                                     monkeypatch):
+def test_token_budget_ending_inside_a_tool_call_truncates_the_episode(tiny_assets, tokenizer, make_config):
     long_call = tool_call("add", a=123456789, b=987654321)
-    monkeypatch.setattr("rlfw.rollout.make_rollout_func", scripted(long_call))
     assert len(tokenizer.encode(long_call, add_special_tokens=False)) > 12
     args = make_config(max_steps=2, max_turns=3, max_completion_length=12)
-    trainer = run(tiny_assets, tokenizer, args, AddEnv)
+    trainer = run(tiny_assets, tokenizer, args, AddEnv, first=long_call)
     assert trainer.state.global_step == 2
     assert logged(trainer, "tools/calls") == [0.0, 0.0]  # the half-written call never ran
     assert logged(trainer, "rollout/truncated_frac") == [1.0, 1.0]
