@@ -172,11 +172,14 @@ def ensure_assets(out: str | os.PathLike, seed: int = 0, preset: str = "tiny") -
     return out
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Load a tokenizer by path or hub id, making sure tool-call parsing is configured."""
+def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
+    """Load a tokenizer by path or hub id; ``chat_template`` (a name rlfw ships, e.g. "hermes", or a Jinja file)
+    replaces its own template (see rlfw.tools.templates)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    from rlfw.tools.templates import use_chat_template
+
+    return use_chat_template(AutoTokenizer.from_pretrained(str(path)), chat_template)
 
 
 # The real model for tests and examples: SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF inside a registry package.

@@ -104,6 +104,8 @@ def load_gguf(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     fix_special_tokens(tokenizer, model.generation_config, metadata)
+    # The GGUF loader sets the WordPiece-era clean-up, which would strip spaces before punctuation on decode.
+    tokenizer.clean_up_tokenization_spaces = False
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer, metadata

@@ -1,16 +1,20 @@
 """Start-up checks of what a run is given (dataset, reward functions, tokenizer), before any model loads.
 
 Each finds a problem that would otherwise surface at the first training step, after the model (and vLLM) loaded,
-as a KeyError or TypeError deep inside TRL; the message says what is missing and how to fix it.
+as a KeyError or TypeError deep inside TRL, or never (a template that hides the tools from the model); the message
+says what is missing and how to fix it, naming the config key.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from rlfw.rollout.rollout_func import PER_COMPLETION_KEYS
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments TRL passes to every reward function besides the dataset columns.
 TRL_REWARD_ARGUMENTS = frozenset({"prompts", "completions", "completion_ids", "trainer_state", "log_extra",
@@ -74,12 +78,34 @@ def check_chat_template(processing_class: Any, train_dataset: Any, multi_turn: b
         )
 
 
-def check_inputs(reward_funcs: Iterable[Any], train_dataset: Any, processing_class: Any, multi_turn: bool) -> None:
+def check_tool_template(processing_class: Any, tool_parser: Any = None) -> None:
+    """A multi-turn run needs a tool-call parser (named by ``tool_parser`` or detected from the template), and a
+    template that shows the tools to the model; the first is an error, the second a warning (a prompt may describe
+    the tools itself)."""
+    from rlfw.tools import PARSERS, detect_parser
+    from rlfw.tools.templates import CHAT_TEMPLATES, renders_tools
+
+    if isinstance(tool_parser, str) and tool_parser not in PARSERS:
+        raise ValueError(f"tool_parser={tool_parser!r} is not a known tool-call parser; set `tool_parser:` to one of "
+                         f"{sorted(PARSERS)}, or leave it unset to detect it from the chat template.")
+    detect_parser(processing_class, tool_parser)  # ValueError naming tool_parser and chat_template
+    if not renders_tools(processing_class):
+        logger.warning(
+            "The chat template ignores tools= (rendering with and without tools gives the same text): the model is "
+            "never shown the environment's tools, so it can only call them if the prompt describes them. Set "
+            "`chat_template: hermes` (ChatML models; shipped: %s) or the path of a Jinja template that renders tools.",
+            sorted(CHAT_TEMPLATES))
+
+
+def check_inputs(reward_funcs: Iterable[Any], train_dataset: Any, processing_class: Any, multi_turn: bool,
+                 tool_parser: Any = None) -> None:
     """All start-up checks of RLTrainer's inputs (see the module docstring)."""
     columns = getattr(train_dataset, "column_names", None) if train_dataset is not None else None
     check_prompt_column(columns)
     check_reward_arguments(reward_funcs, columns, multi_turn)
     check_chat_template(processing_class, train_dataset, multi_turn)
+    if multi_turn and processing_class is not None and getattr(processing_class, "chat_template", None) is not None:
+        check_tool_template(processing_class, tool_parser)
 
 
 def _first_row(dataset: Any) -> dict | None:

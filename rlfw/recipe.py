@@ -43,6 +43,12 @@ class ScriptArguments:
         metadata={"help": "Reward functions: built-in names or dotted paths ('my_pkg.rewards:f'). With an "
                   "environment, its get_reward() joins them (so none may be needed)."},
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Replace the tokenizer's chat template: a template rlfw ships ('hermes': ChatML with "
+                  "<tool_call> tools, for chat models whose template has none) or the path of a Jinja file. Prompts, "
+                  "tool results and saved checkpoints all use it. None = the model's own template."},
+    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -119,14 +125,18 @@ def dataset_kwargs(args: ScriptArguments) -> dict:
     return dict(value or {})
 
 
-def load_tokenizer(model_args):
+def load_tokenizer(model_args, chat_template: str | None = None):
+    """The model's tokenizer, with ``chat_template`` (a shipped name or a Jinja file) replacing its own if given."""
     from transformers import AutoTokenizer
+
+    from rlfw.tools.templates import use_chat_template
 
     path = model_args.model_name_or_path
     if path is None:
         raise ValueError("model_name_or_path is required (a hub id or a local path; `python -m rlfw.assets --out "
                          "assets/tiny` builds a tiny local one).")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    tokenizer = use_chat_template(AutoTokenizer.from_pretrained(path, revision=model_args.model_revision),
+                                  chat_template)
     if tokenizer.chat_template is None:
         raise ValueError(f"The tokenizer of {path!r} has no chat template; rlfw trains on conversational prompts. "
                          "Set tokenizer.chat_template (and save it) or use an instruct/chat model.")
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None):
     if not reward_funcs and not config.environment:
         raise ValueError("No reward: set reward_funcs (e.g. [exact_match] or 'my_pkg.rewards:score'), or an "
                          "environment whose get_reward() scores episodes.")
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args, script_args.chat_template)
     config.model_init_kwargs = model_init_kwargs(model_args, config)
     trainer = RLTrainer(
         model=model_args.model_name_or_path,  # loaded by TRL after RLTrainer's start-up checks

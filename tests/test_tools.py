@@ -111,7 +111,8 @@ def test_detect_from_templates(tiny_tokenizer):
 
 
 def test_detect_unknown_template_and_unknown_name_explain_the_fix():
-    with pytest.raises(ValueError, match="parser="):
+    # The message names the YAML key and both flags, and (the template renders no tools) the template fix.
+    with pytest.raises(ValueError, match=r"`tool_parser: <name>`.*--tool_parser.*--parser.*`chat_template: hermes`"):
         detect_parser(_Tok("{{ messages }}"))
     with pytest.raises(ValueError, match="Known"):
         get_parser("nope")

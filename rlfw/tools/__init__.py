@@ -2,7 +2,8 @@
 
 ``PARSERS`` is the registry (name -> parser). A parser has ``name``, ``matches(chat_template) -> bool`` (used by
 ``detect_parser``) and ``parse(text) -> ParsedTurn``, which never raises. Add your own family with
-``PARSERS["mine"] = MyParser()``; registration order is the detection order.
+``PARSERS["mine"] = MyParser()``; registration order is the detection order. Chat templates rlfw ships (``hermes``:
+tools for ChatML models that have none) are in ``rlfw.tools.templates``.
 """
 
 from __future__ import annotations
@@ -52,10 +53,22 @@ def detect_parser(tokenizer: Any, name: str | ToolCallParser | None = None) -> T
     for parser in PARSERS.values():
         if parser.matches(template):
             return parser
-    raise ValueError(
-        "Could not tell the tool-call format from the tokenizer's chat template. Pass parser=<name> with one of "
-        f"{sorted(PARSERS)}, or register a parser for this template in rlfw.tools.PARSERS."
-    )
+    raise ValueError(parser_error(tokenizer))
+
+
+def parser_error(tokenizer: Any) -> str:
+    """Why no parser was detected and how to choose one, naming the config key and the flags."""
+    from rlfw.tools.templates import CHAT_TEMPLATES, renders_tools
+
+    message = ("Could not tell the tool-call format from the tokenizer's chat template. Set `tool_parser: <name>` in "
+               f"the YAML config with one of {sorted(PARSERS)} (`--tool_parser` for recipes/train.py, `--parser` for "
+               "`rlfw rollout`), or register a parser for this template in rlfw.tools.PARSERS.")
+    if not renders_tools(tokenizer):
+        message += (" The template does not render tools either (rendering with and without tools= gives the same "
+                    "text), so the model would never see them: set `chat_template: hermes` (ChatML with <tool_call> "
+                    "calls; its parser is detected) or the path of a Jinja template that renders tools "
+                    f"(`--chat-template` for `rlfw rollout`; shipped: {sorted(CHAT_TEMPLATES)}).")
+    return message
 
 
 __all__ = [
@@ -68,4 +81,5 @@ __all__ = [
     "ToolOutcome",
     "detect_parser",
     "get_parser",
+    "parser_error",
 ]
