@@ -30,9 +30,11 @@ def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens:
 
 
 def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | None = None, max_turns: int = 4,
-                   max_new_tokens: int = 64, temperature: float = 0.0) -> dict[str, float]:
+                   max_new_tokens: int = 64, temperature: float = 0.0, sampling: dict | None = None
+                   ) -> dict[str, float]:
     """Held-out evaluation: single-turn (greedy), or multi-turn through the rollout engine when ``environment``
-    (greedy with ``temperature`` 0, else sampled)."""
+    (greedy with ``temperature`` 0, else sampled with ``sampling``'s top_p/top_k/min_p/repetition_penalty, TRL's
+    defaults where absent)."""
     if environment is None:
         if temperature:
             raise ValueError("single-turn evaluation is greedy; temperature must be 0")
@@ -40,4 +42,4 @@ def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | No
     from rlfw.rollout.evaluation import evaluate_episodes
 
     return evaluate_episodes(model, tokenizer, dataset, reward_func, environment, max_turns=max_turns,
-                             max_completion_length=max_new_tokens, temperature=temperature)
+                             max_completion_length=max_new_tokens, temperature=temperature, sampling=sampling)

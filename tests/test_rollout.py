@@ -268,6 +268,31 @@ def test_hf_backend_samples_up_to_eos_with_logprobs(assets, tok):
         assert tok.eos_token_id not in ids[:-1]
 
 
+def test_hf_backend_samples_the_full_distribution_like_trl(assets, tok):
+    """No silent top_k: transformers' own default (50) would truncate and renormalise the distribution, so
+    evaluation and `rlfw rollout` would sample a different policy from the one TRL trains (top_k 0)."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig
+
+    from rlfw.rollout.backends import sampling_defaults
+
+    trl_args = GRPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    assert sampling_defaults() == {k: getattr(trl_args, k)
+                                   for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    model = AutoModelForCausalLM.from_pretrained(assets).eval()
+    for top_k in (None, 0):  # None (a config that never set it) means off too
+        backend = HFBackend(model, tok, temperature=0.7, top_k=top_k)
+        assert backend.sampling["top_k"] == 0 and backend.sampling["top_p"] == 1.0
+        prompt = tok.encode("What is 1 + 2?", add_special_tokens=False)
+        torch.manual_seed(0)
+        (ids, lps), = backend.generate([prompt], 24)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1] / 0.7
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(lps), expected, atol=1e-4)  # the untruncated policy's log-probs
+    assert HFBackend(model, tok, temperature=0.7, top_k=5).sampling["top_k"] == 5
+
+
 def test_require_vllm_names_the_extra():
     try:
         import vllm  # noqa: F401

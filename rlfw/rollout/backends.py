@@ -34,19 +34,47 @@ def _cut(ids: Sequence[int], logprobs: Sequence[float], budget: int, eos_ids: se
     return ids[:end], [float(x) for x in list(logprobs)[:end]]
 
 
+def sampling_defaults() -> dict[str, Any]:
+    """TRL's sampling settings as GRPOConfig defaults them: what a backend built outside a trainer must use to sample
+    the policy the trainer trains."""
+    from trl import GRPOConfig
+
+    fields = GRPOConfig.__dataclass_fields__
+    return {k: fields[k].default for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+
+
+def generation_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """Sampling kwargs for transformers' ``GenerationConfig``, stated in full.
+
+    A setting left out (or None) is not "off" there: transformers falls back to its own defaults, e.g. top_k 50, so
+    the sampled policy would not be the one trained. TRL's meaning of the values is kept: top_k 0 and min_p None mean
+    disabled, top_p 1.0 keeps every token.
+    """
+    out = {"temperature": sampling["temperature"], "top_p": 1.0 if sampling["top_p"] is None else sampling["top_p"],
+           "top_k": sampling["top_k"] or 0,
+           "repetition_penalty": 1.0 if sampling["repetition_penalty"] is None else sampling["repetition_penalty"]}
+    if sampling.get("min_p") is not None:
+        out["min_p"] = sampling["min_p"]
+    return out
+
+
 class HFBackend:
-    """transformers ``generate`` with left padding; log-probs from the processed scores (after temperature/top-k/p)."""
+    """transformers ``generate`` with left padding; log-probs from the processed scores (after temperature/top-k/p).
+
+    Sampling settings default to TRL's (GRPOConfig: temperature 1.0, top_p 1.0, top_k 0 = off, min_p None = off,
+    repetition_penalty 1.0); temperature 0 decodes greedily.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                 top_k: int | None = 0, min_p: float | None = None, repetition_penalty: float = 1.0,
                  eos_token_ids: Sequence[int] | None = None, trainer: Any = None):
         self.model, self.tokenizer, self.trainer = model, tokenizer, trainer
         eos = list(eos_token_ids or [])
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         self.eos_ids = sorted(set(eos) | {tokenizer.eos_token_id})
-        self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-                         "repetition_penalty": repetition_penalty}
+        self.sampling = generation_sampling({"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                             "min_p": min_p, "repetition_penalty": repetition_penalty})
 
     @classmethod
     def from_trainer(cls, trainer: Any) -> HFBackend:
@@ -84,7 +112,7 @@ class HFBackend:
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             greedy = self.sampling["temperature"] == 0  # temperature 0 = greedy decoding (evaluation)
-            sampling = {} if greedy else {k: v for k, v in self.sampling.items() if v is not None}
+            sampling = {} if greedy else self.sampling
             config = GenerationConfig(
                 do_sample=not greedy, max_new_tokens=max(budgets), eos_token_id=self.eos_ids, pad_token_id=pad_id,
                 output_scores=True, return_dict_in_generate=True, disable_compile=True, **sampling,
