@@ -8,7 +8,9 @@ returns within its deadline. Attacks follow what a model's code can do with the 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -27,6 +29,15 @@ DEADLINE_SLACK_S = 3.0  # kill grace and teardown on a loaded 2-core machine
 def secret_in_parent(monkeypatch):
     """A secret in the parent's environment (like an API key) that no program may ever see."""
     monkeypatch.setenv("RLFW_TEST_API_KEY", SECRET)
+
+
+@pytest.fixture
+def open_dir():
+    """A host directory any uid may write to and traverse (like /tmp): only the sandbox can keep a program out."""
+    path = tempfile.mkdtemp(prefix="rlfw-open-", dir="/tmp")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def leaked(result) -> bool:
@@ -71,9 +82,11 @@ print(dict(os.environ))
 """
 
 
-def test_parent_environment_and_host_files_never_reach_the_output(tmp_path):
-    secret_file = tmp_path / "secret.txt"
-    secret_file.write_text(SECRET)
+def test_parent_environment_and_host_files_never_reach_the_output(open_dir):
+    secret_file = os.path.join(open_dir, "secret.txt")
+    with open(secret_file, "w") as f:
+        f.write(SECRET)
+    os.chmod(secret_file, 0o644)  # readable by any local user: only the sandbox's view of the filesystem hides it
     result = timed(READ_EVERYTHING.format(secret_file=str(secret_file)))
     assert not leaked(result) and "RLFW_TEST_API_KEY" not in result.stdout
     shadow = open("/etc/shadow").read().split(":")[1] if os.path.exists("/etc/shadow") else None
@@ -228,7 +241,9 @@ ESCAPES = {
     "sqlite3": "import sqlite3\nsqlite3.connect(CANARY).execute('create table t (x)')",
     "mknod": "import os, stat\nos.mknod(CANARY, stat.S_IFREG | 0o644)",
     "mkfifo": "import os\nos.mkfifo(CANARY)",
-    "_posixsubprocess": "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo x > ' + CANARY])",
+    "_posixsubprocess": "import os\nfrom multiprocessing.util import spawnv_passfds\n"
+                        "os.waitpid(spawnv_passfds(b'/bin/sh', ['/bin/sh', '-c', 'echo x > ' + CANARY], []), 0)",
+    "subprocess": "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo x > ' + CANARY])",
     "multiprocessing_spawn": "import multiprocessing as mp\nif __name__ == '__main__':\n"
                              "    ctx = mp.get_context('spawn')\n    p = ctx.Process(target=open, args=(CANARY, 'w'))\n"
                              "    p.start()\n    p.join()",
@@ -242,19 +257,18 @@ ESCAPES = {
 
 
 @pytest.mark.parametrize("attack", sorted(ESCAPES))
-def test_no_way_to_write_to_the_host(tmp_path, attack):
-    canary = tmp_path / "canary"
-    code = f"CANARY = {str(canary)!r}\n" + ESCAPES[attack]
-    result = timed(code)
-    assert not canary.exists(), (attack, result)
-    # The host path does not even exist inside the sandbox.
-    assert not os.path.exists(canary)
+def test_no_way_to_write_to_the_host(open_dir, attack):
+    canary = os.path.join(open_dir, "canary")
+    result = timed(f"CANARY = {canary!r}\n" + ESCAPES[attack])
+    assert not os.path.lexists(canary), (attack, result)
+    assert os.listdir(open_dir) == []
 
 
-def test_host_unix_socket_is_unreachable(tmp_path):
-    path = str(tmp_path / "host.sock")
+def test_host_unix_socket_is_unreachable(open_dir):
+    path = os.path.join(open_dir, "host.sock")
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(path)
+        os.chmod(path, 0o777)  # like a daemon's socket that any local user may use
         server.listen(1)
         server.settimeout(0.2)
         code = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\ns.sendall(b'leak')"
@@ -309,20 +323,14 @@ def test_disk_is_bounded():
 def test_aggregate_memory_is_bounded_by_the_cgroup():
     if not check_sandbox().cgroups:
         pytest.skip("no cgroup on this host: memory is limited per process only (documented)")
-    # Four processes each touch 150 MB under a 256 MB limit: together they must not get 600 MB.
+    # Four processes each touch 150 MB under a 256 MB limit: together they must not get 600 MB. Started through
+    # _posixsubprocess, which no audit hook sees.
     code = """
 import os, sys
-kids = []
-for i in range(4):
-    pid = os.fork()
-    if pid == 0:
-        block = bytearray(150 * 1024 * 1024)
-        for j in range(0, len(block), 4096):
-            block[j] = 1
-        print("held", i, flush=True)
-        import time; time.sleep(2)
-        os._exit(0)
-    kids.append(pid)
+from multiprocessing.util import spawnv_passfds
+hold = ("import time\\nblock = bytearray(150 * 1024 * 1024)\\nfor j in range(0, len(block), 4096):\\n"
+        "    block[j] = 1\\nprint('held', flush=True)\\ntime.sleep(2)")
+kids = [spawnv_passfds(os.fsencode(sys.executable), [sys.executable, "-c", hold], []) for _ in range(4)]
 for pid in kids:
     os.waitpid(pid, 0)
 """
