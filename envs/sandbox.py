@@ -10,7 +10,8 @@ Every program is treated as hostile. Per run, ``bwrap`` (bubblewrap) starts the 
   (``/sandbox``, also ``/tmp``), so its files vanish with its mount namespace;
 - an environment cleared and rebuilt from an allow-list (PATH, HOME, TMPDIR, LANG, PYTHONIOENCODING);
 - a distinct unprivileged uid per run: when the parent is root, bwrap itself runs as a uid drawn from a pool no
-  account uses, so even the kernel's view of the run is unprivileged; otherwise the parent's uid, mapped inside;
+  account uses, so even the kernel's view of the run is unprivileged; otherwise the parent's uid, mapped to that
+  per-run uid inside;
 - ``setrlimit`` for CPU seconds, address space, file size, open files and processes, set by a small bootstrap
   before the program runs; and where the host allows it a cgroup (``envs._cgroup``) bounding the memory and
   process count of all of the run's processes together.
@@ -284,7 +285,7 @@ def _run(backend: Backend, code: str, limits: SandboxLimits, stdin: str) -> Sand
 
 
 def _run_bwrap(backend: Backend, code: str, limits: SandboxLimits, stdin: str, start: float) -> SandboxResult:
-    uid = _uids.take() if os.geteuid() == 0 else os.getuid()
+    uid = _uids.take()  # inside the run; outside too when we are root (otherwise bwrap maps it to our uid)
     fds: list[int] = []
     cgroup = proc = None
     try:
@@ -314,8 +315,7 @@ def _run_bwrap(backend: Backend, code: str, limits: SandboxLimits, stdin: str, s
         _cleanup(proc, fds)
         if cgroup is not None:
             cgroup.close()
-        if os.geteuid() == 0:
-            _uids.give_back(uid)
+        _uids.give_back(uid)
 
 
 def _run_unsafe(backend: Backend, code: str, limits: SandboxLimits, stdin: str, start: float) -> SandboxResult:
