@@ -17,6 +17,7 @@ import time
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 REMOVE_TIMEOUT_S = 2.0
+PREFIX = "rlfw-sandbox-"  # + parent pid + "-" + run number
 _names = itertools.count()
 
 
@@ -31,8 +32,24 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
+def _remove_stale(path: str) -> None:
+    """Remove empty run cgroups left by processes that died mid-run (named after their pid)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if name.startswith(PREFIX) and len(parts) == 4 and parts[2].isdigit() and not os.path.exists(f"/proc/{parts[2]}"):
+            try:
+                os.rmdir(os.path.join(path, name))
+            except OSError:
+                pass
+
+
 def _writable_parent(path: str, required: tuple[str, ...]) -> str | None:
     """``path`` if a child cgroup created there has the ``required`` files (proof the controllers are on)."""
+    _remove_stale(path)
     probe = os.path.join(path, f"rlfw-probe-{os.getpid()}")
     try:
         os.mkdir(probe)
@@ -82,7 +99,7 @@ class RunCgroup:
     """The cgroup(s) of one run, created with its limits; ``close()`` kills what is left and removes them."""
 
     def __init__(self, memory_bytes: int, max_processes: int) -> None:
-        name = f"rlfw-sandbox-{os.getpid()}-{next(_names)}"
+        name = f"{PREFIX}{os.getpid()}-{next(_names)}"
         self.dirs: list[str] = []
         try:
             for parent in parents():

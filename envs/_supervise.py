@@ -55,7 +55,6 @@ class _Watch:
         self.data = {out_fd: bytearray(), err_fd: bytearray()}
         self.total = 0
         self.info = bytearray()
-        self.init_pid: int | None = None  # host pid of the namespace's PID 1, from bwrap's info
         self.owned: list[int] = []
         for fd in (out_fd, err_fd, info_fd):
             if fd is not None:
@@ -112,8 +111,7 @@ class _Watch:
             pid = json.loads(bytes(self.info)).get("child-pid")
         except (ValueError, AttributeError):
             return
-        if isinstance(pid, int) and pid > 0:
-            self.init_pid = pid
+        if isinstance(pid, int) and pid > 0:  # host pid of the namespace's PID 1
             self.init_fd = self._own(_pidfd(pid))
             if self.init_fd is not None:
                 self.selector.register(self.init_fd, selectors.EVENT_READ, "init")
@@ -130,13 +128,14 @@ class _Watch:
 def collect_output(proc: subprocess.Popen, out_fd: int, err_fd: int, info_fd: int | None, max_chars: int,
                    max_bytes: int, deadline: float, kill: Callable[[], None] | None = None) -> Collected:
     """Read the run's output until it has exited and its pipes are closed, killing it at ``deadline`` or when it
-    writes more than ``max_bytes``. ``kill`` (default: SIGKILL to ``proc`` and to bwrap's PID 1) stops the run."""
+    writes more than ``max_bytes``. ``kill`` (default: SIGKILL to ``proc`` and to the namespace's PID 1) stops the
+    run."""
     watch = _Watch(proc, out_fd, err_fd, info_fd, keep=max_chars * 4 + 4)  # UTF-8: at most 4 bytes a character
     timed_out = output_limit = False
     give_up_at: float | None = None
 
     def stop() -> None:
-        (kill or (lambda: _kill(proc.pid, watch.init_pid)))()
+        (kill or (lambda: _kill(proc.pid, watch.init_fd)))()
 
     try:
         exited = False
@@ -163,13 +162,18 @@ def collect_output(proc: subprocess.Popen, out_fd: int, err_fd: int, info_fd: in
         watch.close()
 
 
-def _kill(pid: int, init_pid: int | None) -> None:
-    for target in (init_pid, pid):
-        if target:
-            try:
-                os.kill(target, signal.SIGKILL)
-            except OSError:
-                pass
+def _kill(pid: int, init_fd: int | None) -> None:
+    """SIGKILL bwrap's PID 1 (through its pidfd: its pid may have been reused once it was reaped) and bwrap, our
+    unreaped child; PID 1's death kills the rest of the namespace."""
+    try:
+        if init_fd is not None:
+            signal.pidfd_send_signal(init_fd, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _reap(proc: subprocess.Popen, wait: bool) -> tuple[int | None, float]:
