@@ -14,7 +14,9 @@ Every program is treated as hostile. Per run, ``bwrap`` (bubblewrap) starts the 
   per-run uid inside;
 - ``setrlimit`` for CPU seconds, address space, file size, open files and processes, set by a small bootstrap
   before the program runs; and where the host allows it a cgroup (``envs._cgroup``) bounding the memory and
-  process count of all of the run's processes together.
+  process count of all of the run's processes together;
+- a seccomp filter (``envs._seccomp``) refusing the system calls that widen the kernel's attack surface or would
+  let the program trace the sandbox's PID 1.
 
 The parent never touches the run's filesystem: the program goes in through a memfd, stdout/stderr come back through
 pipes it holds, read without blocking up to a byte cap and a wall-clock deadline, after which the run is killed.
@@ -41,7 +43,7 @@ import threading
 import time
 import warnings
 
-from envs import _cgroup
+from envs import _cgroup, _seccomp
 from envs._supervise import Collected, collect_output
 
 UNSAFE_ENV = "RLFW_UNSAFE_NO_SANDBOX"
@@ -192,7 +194,7 @@ def _bind_args(python: str) -> list[str]:
 
 
 def _bwrap_command(backend: Backend, uid: int, limits: SandboxLimits, code_fd: int, info_fd: int,
-                   stdin_fd: int) -> list[str]:
+                   stdin_fd: int, seccomp_fd: int | None) -> list[str]:
     env = [arg for key, value in CHILD_ENV.items() for arg in ("--setenv", key, value)]
     rlimits = [limits.cpu_seconds, limits.memory_mb * 1024 * 1024, limits.file_size_bytes, limits.max_open_files,
                limits.max_processes, MEMORY_ERROR_EXIT, FILE_SIZE_EXIT, stdin_fd]
@@ -204,7 +206,7 @@ def _bwrap_command(backend: Backend, uid: int, limits: SandboxLimits, code_fd: i
         "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
         "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", WORKDIR, "--symlink", WORKDIR, "/tmp",
         "--file", str(code_fd), f"{WORKDIR}/main.py", "--chdir", WORKDIR, "--remount-ro", "/",
-        "--info-fd", str(info_fd),
+        "--info-fd", str(info_fd), *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--", backend.python, "-I", "-S", "-B", "-c", BOOTSTRAP, *map(str, rlimits),
     ]
 
@@ -294,14 +296,18 @@ def _run_bwrap(backend: Backend, code: str, limits: SandboxLimits, stdin: str, s
         fds += [code_fd, stdin_fd]
         info_r, info_w = os.pipe()
         fds += [info_r, info_w]
-        cmd = _bwrap_command(backend, uid, limits, code_fd, info_w, stdin_fd)
+        program = _seccomp.filter_program()
+        seccomp_fd = _memfd("seccomp", program) if program else None
+        fds += [seccomp_fd] if seccomp_fd is not None else []
+        cmd = _bwrap_command(backend, uid, limits, code_fd, info_w, stdin_fd, seccomp_fd)
         gate = subprocess.DEVNULL
         if backend.cgroups:
             cgroup = _cgroup.RunCgroup(limits.memory_mb * 1024 * 1024, limits.max_processes + SANDBOX_PROCESSES)
             gate, gate_w = os.pipe()
             fds += [gate, gate_w]
             cmd = ["/bin/sh", "-c", CGROUP_GATE, "sh", *cmd]
-        proc, out_r, err_r = _spawn(cmd, gate, [code_fd, info_w, stdin_fd], uid if os.geteuid() == 0 else None, None)
+        passed = [fd for fd in (code_fd, info_w, stdin_fd, seccomp_fd) if fd is not None]
+        proc, out_r, err_r = _spawn(cmd, gate, passed, uid if os.geteuid() == 0 else None, None)
         fds += [out_r, err_r]
         if cgroup is not None:
             cgroup.add(proc.pid)

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from envs import _cgroup
+from envs import _cgroup, _seccomp
 from envs.sandbox import SandboxLimits, check_sandbox, run_code
 
 FAST = SandboxLimits(wall_seconds=3.0, cpu_seconds=1, memory_mb=256)
@@ -307,6 +307,20 @@ print(subprocess.run(["/usr/bin/su", "-c", "id"], capture_output=True, text=True
     assert "unshare user -1 unshare mount -1" in result.stdout
     assert "SETUID OK" not in result.stdout and "caps 0000000000000000" in result.stdout
     assert "uid 0 " not in result.stdout
+
+
+def test_kernel_attack_surface_and_tracing_pid_1_are_refused():
+    if _seccomp.filter_program() is None:
+        pytest.skip("no seccomp filter for this architecture")
+    names = ("ptrace", "keyctl", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "mount", "setns")
+    numbers = _seccomp.ARCHES[os.uname().machine][1]
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nPTRACE_ATTACH = 16\n"
+            "print('ptrace-pid1', libc.ptrace(PTRACE_ATTACH, 1, 0, 0), ctypes.get_errno())\n"
+            + "".join(f"print({name!r}, libc.syscall({numbers[name]}, 0, 0, 0, 0, 0), ctypes.get_errno())\n"
+                      for name in names))
+    result = timed(code)
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(names) + 1 and all(line.endswith(" -1 1") for line in lines), result  # EPERM
 
 
 # ---- resources beyond one process ----
