@@ -206,3 +206,19 @@ def turn_valid_mask(num_turns: Tensor, num_cols: int) -> Tensor:
     """(N, K) bool: True for turn columns t < num_turns[i]."""
     cols = torch.arange(num_cols, device=num_turns.device)
     return cols[None, :] < num_turns[:, None]
+
+
+def group_zscore_keep_singletons(x: Tensor, index: Tensor, num_groups: int, eps: float = 1e-6) -> Tensor:
+    """(x - mean_g) / (sample std_g + eps); a group with one valid entry gets x / (1 + eps) (mean 0, std 1).
+
+    The singleton rule is InfoPO's and MatchTIR's reference code. NaN entries and all-equal groups of two or more
+    get 0 (as ``group_zscore``). (N,) -> (N,)
+    """
+    z = group_zscore(x, index, num_groups, ddof=1, eps=eps)
+    single = group_count(x, index, num_groups)[index] == 1
+    return torch.where(single & ~torch.isnan(x), x / (1.0 + eps), z)
+
+
+def sample_std(x: Tensor) -> Tensor:
+    """Sample std (ddof 1) of all entries; 0 for fewer than two. A 0-dim tensor."""
+    return x.std(unbiased=True) if x.numel() > 1 else x.new_zeros(())

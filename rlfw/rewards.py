@@ -10,10 +10,14 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import math
 import re
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -199,3 +203,94 @@ def _describe(name, err, failing, completions) -> RewardFunctionError:
         f"reward function {name!r} raised {type(err).__name__}: {err} on {where}.{detail}\n"
         "Fix the function, or set reward_errors: nan to score failing samples NaN and continue."
     )
+
+
+# ---------------------------------------------------------------- tool-call matching turn rewards (MatchTIR)
+# MatchTIR (arXiv 2601.10712): each predicted tool call of a trajectory is scored by the ground-truth call it is
+# matched to; a turn's reward is the mean over its calls. For environments whose dataset rows carry ground-truth
+# calls ({"name", "arguments"}); rewards reach the `matchtir` estimator as turn_rewards.
+ASSIGNMENTS = ("greedy", "hungarian", "ot")
+OT_REG = 0.1  # entropic regularisation of the soft assignment (reference code)
+OT_MAX_ITERATIONS, OT_TOLERANCE = 1000, 1e-9
+
+
+def call_arguments(call: dict[str, Any]) -> dict[str, Any] | None:
+    """A call's arguments as a dict (given as a dict or a JSON string); None when they do not parse to one."""
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    return arguments if isinstance(arguments, dict) else None
+
+
+def call_similarity(predicted: dict[str, Any], truth: dict[str, Any]) -> float:
+    """S(p, g) in [0, 1]: 0 for different names (case-insensitive) or unparseable arguments, else
+    (1 + Jaccard(keys) + #{k in g: p[k] == g[k]}) / (2 + |params_g|), Jaccard 1 when both have no keys."""
+    if str(predicted.get("name", "")).lower() != str(truth.get("name", "")).lower():
+        return 0.0
+    p, g = call_arguments(predicted), call_arguments(truth)
+    if p is None or g is None:
+        return 0.0
+    union = set(p) | set(g)
+    jaccard = len(set(p) & set(g)) / len(union) if union else 1.0
+    same = sum(1 for key, value in g.items() if key in p and p[key] == value)
+    return (1.0 + jaccard + same) / (2.0 + len(g))
+
+
+def match_calls(predicted: list[dict[str, Any]], truth: list[dict[str, Any]], assignment: str = "greedy") -> list[float]:
+    """The reward of each predicted call under the assignment to ground-truth calls.
+
+    "greedy" (the reference code): pairs by similarity, highest first (row-major ties), each call and each truth
+    used once, only S > 0; "hungarian": the maximum-similarity one-to-one assignment; "ot": entropic optimal
+    transport with uniform marginals and cost -S, a call earning sum_j T_ij S_ij. Unmatched calls get 0.
+    """
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment={assignment!r} is not valid; choose one of {list(ASSIGNMENTS)}")
+    if not predicted or not truth:
+        return [0.0] * len(predicted)
+    sim = np.array([[call_similarity(p, g) for g in truth] for p in predicted])  # (P, G)
+    if assignment == "ot":
+        return (_sinkhorn(sim) * sim).sum(axis=1).tolist()
+    rewards = [0.0] * len(predicted)
+    if assignment == "hungarian":
+        for i, j in zip(*linear_sum_assignment(sim, maximize=True), strict=True):
+            rewards[i] = float(sim[i, j])
+        return rewards
+    used_rows, used_cols = set(), set()
+    for flat in np.argsort(-sim, axis=None, kind="stable"):
+        i, j = divmod(int(flat), sim.shape[1])
+        if sim[i, j] > 0 and i not in used_rows and j not in used_cols:
+            rewards[i] = float(sim[i, j])
+            used_rows.add(i), used_cols.add(j)
+    return rewards
+
+
+def _sinkhorn(sim: np.ndarray) -> np.ndarray:
+    """Entropic OT plan between uniform marginals for cost -sim (Sinkhorn-Knopp iterations). (P, G)"""
+    rows, cols = np.full(sim.shape[0], 1 / sim.shape[0]), np.full(sim.shape[1], 1 / sim.shape[1])
+    kernel = np.exp(sim / OT_REG)
+    u, v = np.ones_like(rows) / len(rows), np.ones_like(cols) / len(cols)
+    for _ in range(OT_MAX_ITERATIONS):
+        v = cols / (kernel.T @ u)
+        u = rows / (kernel @ v)
+        plan = u[:, None] * kernel * v[None, :]
+        if np.abs(plan.sum(axis=0) - cols).sum() < OT_TOLERANCE:
+            break
+    return u[:, None] * kernel * v[None, :]
+
+
+def matched_turn_rewards(turn_calls: list[list[dict[str, Any]]], truth: list[dict[str, Any]],
+                         assignment: str = "greedy", answer_score: float | None = None) -> list[float]:
+    """Per assistant turn: the mean reward of its tool calls (0 for a turn without calls), matched over all calls
+    of the trajectory; with ``answer_score``, the last turn (the final answer) gets that score instead."""
+    flat = [call for calls in turn_calls for call in calls]
+    rewards = iter(match_calls(flat, truth, assignment))
+    per_turn = []
+    for calls in turn_calls:
+        values = [next(rewards) for _ in calls]
+        per_turn.append(sum(values) / len(values) if values else 0.0)
+    if answer_score is not None and per_turn:
+        per_turn[-1] = float(answer_score)
+    return per_turn

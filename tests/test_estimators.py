@@ -327,12 +327,30 @@ def test_epo_advantages_are_grpo_and_empty_mask_is_zero():
 CASES = {
     "grpo": {}, "rloo": {}, "median": {}, "stratified": {}, "riskpo": {"bundle_size": 2}, "gated": {},
     "gated_turn": {"mode": "turn", "threshold": 0.5}, "igpo": {}, "igpo_separate": {"norm": "separate"}, "epo": {},
+    "infopo": {}, "infopo_per_turn": {"token_weighted": False}, "matchtir": {}, "opmd": {}, "asymre": {},
+    "noisy_verifier": {"rho_fp": 0.1, "rho_fn": 0.2}, "noisy_verifier_forward": {"rho_fn": 0.2, "mode": "forward"},
 }
-TURN_LEVEL = {"gated_turn", "igpo", "igpo_separate"}
+TURN_LEVEL = {"gated_turn", "igpo", "igpo_separate", "infopo", "infopo_per_turn", "matchtir"}
+BINARY = {"noisy_verifier", "noisy_verifier_forward"}  # need 0/1 rewards: the random ones are thresholded first
+NEVER_ZERO = {"igpo", "igpo_separate", "infopo", "infopo_per_turn", "asymre", *BINARY}  # signal beyond tied outcomes
+
+
+class _Thresholded:
+    """An estimator that sees rewards >= 0.5 as 1 and the rest as 0 (NaN stays NaN)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, batch):
+        r = batch.rewards
+        binary = torch.where(torch.isnan(r), r, (r >= 0.5).to(r.dtype))
+        return self.inner(_take(batch, torch.arange(r.numel()), rewards=binary))
 
 
 def _build(case):
-    return build_estimator(case.split("_")[0] if case not in ESTIMATORS else case, **CASES[case])
+    name = max((n for n in ESTIMATORS if case == n or case.startswith(n + "_")), key=len)  # "<estimator>_<variant>"
+    estimator = build_estimator(name, **CASES[case])
+    return _Thresholded(estimator) if case in BINARY else estimator
 
 
 def _random_batch(num_groups=8, group_size=5, k=4, seed=0, dtype=torch.float32) -> AdvantageBatch:
@@ -349,12 +367,16 @@ def _random_batch(num_groups=8, group_size=5, k=4, seed=0, dtype=torch.float32) 
         truncated=torch.rand(n, generator=gen) < 0.2,
         turn_rewards=torch.where(valid, torch.rand(n, k, generator=gen, dtype=dtype) - 0.3, nan),
         answer_logprobs=torch.where(valid, -3 * torch.rand(n, k, generator=gen, dtype=dtype), nan),
+        # every turn but the last followed by feedback, 1-5 policy tokens per turn
+        info_gain=torch.where(ops.turn_valid_mask(turns - 1, k), torch.randn(n, k, generator=gen, dtype=dtype), nan),
+        turn_lengths=torch.where(valid, torch.randint(1, 6, (n, k), generator=gen), 0),
     )
 
 
 def _take(batch: AdvantageBatch, rows: torch.Tensor, **changes) -> AdvantageBatch:
     fields = {f: getattr(batch, f)[rows] for f in ("rewards", "group_ids", "num_tool_calls", "num_turns",
-                                                     "truncated", "turn_rewards", "answer_logprobs")}
+                                                     "truncated", "turn_rewards", "answer_logprobs", "info_gain",
+                                                     "turn_lengths")}
     return AdvantageBatch(**{**fields, **changes})
 
 
@@ -403,13 +425,39 @@ def test_nan_reward_is_isolated(case):
     assert torch.allclose(out.advantages[rest], dropped.advantages, atol=1e-9)
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"igpo", "igpo_separate"}))
+@pytest.mark.parametrize("case", sorted(set(CASES) - NEVER_ZERO))
 def test_all_equal_groups_give_zero(case):
     batch = _random_batch()
     rewards = torch.full_like(batch.rewards, 0.3)
     nan_turns = torch.full_like(batch.turn_rewards, NAN)
     out = _build(case)(_take(batch, torch.arange(40), rewards=rewards, turn_rewards=nan_turns))
     assert torch.equal(out.advantages, torch.zeros_like(out.advantages))
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"median", "riskpo"}))
+def test_singleton_groups(case):
+    """Groups of one completion: finite, and what each method defines for them."""
+    batch = _take(_random_batch(), torch.arange(40), group_ids=torch.arange(40))
+    out = _build(case)(batch).advantages
+    assert torch.isfinite(out).all()
+    r = batch.rewards
+    if case in ("grpo", "rloo", "stratified", "gated", "epo", "opmd"):
+        assert torch.equal(out, torch.zeros_like(out))  # nothing to compare with
+    elif case == "asymre":
+        assert torch.equal(out, torch.full_like(r, 0.1))
+    elif case in ("infopo", "infopo_per_turn"):
+        valid = ops.turn_valid_mask(batch.num_turns, out.shape[1])
+        gain = batch.info_gain.nan_to_num() != 0
+        # mu 0, sigma 1: the outcome itself, plus the gated intrinsic term on turns with an information gain
+        assert torch.allclose(out[valid & ~gain], (r[:, None] / (1 + 1e-6)).expand_as(out)[valid & ~gain])
+    elif case == "matchtir":
+        valid = ops.turn_valid_mask(batch.num_turns, out.shape[1])
+        total = torch.where(valid, batch.turn_rewards.nan_to_num(), 0).sum(1)
+        assert torch.allclose(out[valid], (0.5 * total[:, None] / (1 + 1e-6)).expand_as(out)[valid])
+    elif case in BINARY:
+        assert (out != 0).all()  # no per-group centring: every completion keeps a signal
+    else:  # z-scored over the group's (rollout, turn) values: one rollout still has several
+        assert case in ("gated_turn", "igpo", "igpo_separate")
 
 
 def test_igpo_tied_outcomes_without_gains_give_zero():
@@ -430,7 +478,9 @@ def test_unknown_option_lists_valid_ones(name):
     ("name", "kwargs"),
     [("median", {"scale": "mean"}), ("stratified", {"alpha": 2}), ("riskpo", {"alpha_low": 0.9}),
      ("riskpo", {"credit": "score"}), ("gated", {"mode": "token"}), ("igpo", {"norm": "turn"}),
-     ("epo", {"kappa_high": -1.0}), ("median", {"mad_eps": 0})],
+     ("epo", {"kappa_high": -1.0}), ("median", {"mad_eps": 0}), ("infopo", {"tau": 0}), ("infopo", {"beta": -1}),
+     ("matchtir", {"lam": 1.5}), ("noisy_verifier", {"mode": "both"}), ("noisy_verifier", {"rho_fp": 0.6}),
+     ("opmd", {"tau": -0.1}), ("asymre", {"beta": -0.1})],
 )
 def test_bad_option_value_is_rejected(name, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -440,7 +490,9 @@ def test_bad_option_value_is_rejected(name, kwargs):
 @pytest.mark.parametrize(
     ("name", "requires"),
     [("median", set()), ("riskpo", set()), ("epo", set()), ("gated", {"turn_rewards"}),
-     ("igpo", {"answer_logprobs", "num_turns", "truncated"}), ("stratified", {"num_tool_calls"})],
+     ("igpo", {"answer_logprobs", "num_turns", "truncated"}), ("stratified", {"num_tool_calls"}),
+     ("infopo", {"info_gain", "turn_lengths", "num_turns"}), ("matchtir", {"turn_rewards", "num_turns"}),
+     ("noisy_verifier", set()), ("opmd", set()), ("asymre", set())],
 )
 def test_requires(name, requires):
     est = build_estimator(name)

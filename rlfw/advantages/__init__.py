@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from rlfw.advantages.asymre import AsymRE
 from rlfw.advantages.base import (
     AdvantageBatch,
     AdvantageOutput,
@@ -25,7 +26,11 @@ from rlfw.advantages.fields import BATCH_FIELDS, BatchField, register_field
 from rlfw.advantages.gated import Gated
 from rlfw.advantages.grpo import GRPO
 from rlfw.advantages.igpo import IGPO
+from rlfw.advantages.infopo import InfoPO
+from rlfw.advantages.matchtir import MatchTIR
 from rlfw.advantages.median import Median
+from rlfw.advantages.noisy_verifier import NoisyVerifier
+from rlfw.advantages.opmd import OPMD
 from rlfw.advantages.riskpo import RiskPO
 from rlfw.advantages.rloo import RLOO
 from rlfw.advantages.stratified import Stratified
@@ -39,6 +44,11 @@ ESTIMATORS: dict[str, type] = {
     "gated": Gated,
     "igpo": IGPO,
     "epo": EPO,
+    "noisy_verifier": NoisyVerifier,
+    "opmd": OPMD,
+    "asymre": AsymRE,
+    "infopo": InfoPO,
+    "matchtir": MatchTIR,
 }
 
 
