@@ -138,14 +138,15 @@ def make_problem(rng: random.Random, num_ops: int, max_operand: int = 12) -> dic
             "num_ops": num_ops}
 
 
-def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int) -> list[dict[str, Any]]:
+def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int, max_operand: int = 12
+              ) -> list[dict[str, Any]]:
     check_split(split)
     rng = random.Random(f"calculator-{seed}-{split}")
     problems, seen = [], set()
     for _ in range(200 * n + 1000):
         if len(problems) == n:
             return problems
-        problem = make_problem(rng, rng.randint(min_ops, max_ops))
+        problem = make_problem(rng, rng.randint(min_ops, max_ops), max_operand)
         if problem["question"] not in seen and split_of(problem["question"]) == split:
             seen.add(problem["question"])
             problems.append(problem)
@@ -165,12 +166,13 @@ def _question(problem: dict[str, Any], style: str) -> str:
 
 
 def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
-                  style: str = "word") -> Dataset:
+                  style: str = "word", max_operand: int = 12) -> Dataset:
     """Columns: prompt (system + user messages), answer (str), expression (str), num_ops (int).
 
-    ``style="expression"`` asks for the bare expression ("Compute 13 + 4 * 2.") instead of a word problem.
+    ``style="expression"`` asks for the bare expression ("Compute 13 + 4 * 2.") instead of a word problem;
+    ``max_operand`` bounds the operands (the starting value is at most three times that).
     """
-    rows = _problems(n, seed, split, min_ops, max_ops)
+    rows = _problems(n, seed, split, min_ops, max_ops, max_operand)
     return Dataset.from_list([
         {"prompt": conversation(SYSTEM_PROMPT, _question(p, style)), "answer": p["answer"], "expression": p["expression"],
          "num_ops": p["num_ops"]}
@@ -179,7 +181,8 @@ def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1,
 
 
 def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
-                     style: str = "word", direct_fraction: float = 0.0, bad_call_fraction: float = 0.0) -> Dataset:
+                     style: str = "word", direct_fraction: float = 0.0, bad_call_fraction: float = 0.0,
+                     max_operand: int = 12) -> Dataset:
     """Conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
 
     Returned as TRL's conversational prompt-completion format: columns prompt (system, user) and completion.
@@ -196,7 +199,7 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
     rng = random.Random(f"calculator-traces-{seed}")
     direct_answer = {"role": "assistant", "content": ""}
     executor = ToolExecutor()
-    for p in _problems(n, seed, split, min_ops, max_ops):
+    for p in _problems(n, seed, split, min_ops, max_ops, max_operand):
         guess = {**direct_answer, "content": ANSWER_FORMAT.format(p["answer"])}
         if rng.random() < direct_fraction:
             traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)), guess])

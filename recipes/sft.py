@@ -12,7 +12,8 @@ import json
 
 
 def run_sft(model_path: str, task: str, out: str, num_examples: int = 2000, epochs: float = 2.0,
-            learning_rate: float = 3e-3, seed: int = 0, task_kwargs: dict | None = None, max_length: int = 1024) -> str:
+            learning_rate: float = 3e-3, seed: int = 0, task_kwargs: dict | None = None, max_length: int = 1024,
+            batch_size: int = 32) -> str:
     """SFT ``model_path`` on ``task``'s synthetic traces; ``max_length`` must hold a whole trace (longer ones are cut,
     losing their final answer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,7 +23,7 @@ def run_sft(model_path: str, task: str, out: str, num_examples: int = 2000, epoc
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     config = SFTConfig(
-        output_dir=out, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=32,
+        output_dir=out, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
         lr_scheduler_type="cosine", warmup_steps=10, logging_steps=20, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False, seed=seed,
         max_length=max_length, disable_tqdm=False,
@@ -45,9 +46,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task-kwargs", default="{}", help="JSON options of the task's synthetic_traces")
     parser.add_argument("--max-length", type=int, default=1024, help="token limit of one trace")
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     run_sft(args.model, args.task, args.out, args.num_examples, args.epochs, args.learning_rate, args.seed,
-            json.loads(args.task_kwargs), args.max_length)
+            json.loads(args.task_kwargs), args.max_length, args.batch_size)
 
 
 if __name__ == "__main__":
