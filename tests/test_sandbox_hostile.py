@@ -8,6 +8,7 @@ returns within its deadline. Attacks follow what a model's code can do with the 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -409,6 +410,45 @@ def test_parent_stays_responsive_during_hostile_runs():
     for t in threads:
         t.join(FAST.wall_seconds + DEADLINE_SLACK_S)
         assert not t.is_alive()
+
+
+def test_a_byte_by_byte_flood_costs_the_parent_little_cpu():
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = timed("import os\nwhile True:\n    os.write(1, b'x')\n    os.write(2, b'y')",
+                   SandboxLimits(wall_seconds=2, cpu_seconds=2, max_output_bytes=10**9))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    assert result.killed_reason in ("timeout", "cpu_limit")
+    assert (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) < 1.0
+
+
+def test_no_descriptor_thread_or_child_leaks_in_the_parent():
+    def counts():
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    hostile = ["import os\nos.mkfifo('.stdout')", DAEMON.format(marker="leak-" + uuid.uuid4().hex),
+               "while True: print('z' * 5000)", "import time\ntime.sleep(9)", "import os\nos.kill(-1, 9)"]
+    run_code("pass", FAST)
+    before = counts()
+    for code in hostile * 2:
+        run_code(code, SandboxLimits(wall_seconds=1.0, cpu_seconds=1))
+    assert counts() == before
+    assert _children_of_this_process() == []
+
+
+def _children_of_this_process() -> list[str]:
+    """Our child processes (alive or zombie) whose command is bwrap or the sandbox's interpreter."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and (comm == "bwrap" or comm.startswith("python")):
+            found.append(f"{entry} {comm} {fields[0]}")
+    return found
 
 
 def test_cgroups_of_finished_runs_are_removed():
