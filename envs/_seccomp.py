@@ -4,8 +4,8 @@ widen the kernel's attack surface or let a program tamper with the sandbox's PID
 A deny list, not an allow list, so it stays small and needs no upkeep as Python and glibc change: process tracing
 and memory access (``ptrace``, ``process_vm_*``), kernel keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``,
 ``io_uring``, module and kexec loading, every mount API, namespace changes, handle-based opens, swap, reboot,
-accounting, quotas and the kernel log. Foreign system-call ABIs (i386 on x86_64, x32) are killed, since their
-numbers differ. Built as classic BPF for bubblewrap's ``--seccomp FD``; on other architectures there is no filter.
+accounting, quotas and the kernel log. Foreign system-call ABIs, whose numbers differ, are stopped: i386 calls kill
+the process, x32 calls are refused. Built as classic BPF for bubblewrap's ``--seccomp FD``; on other architectures there is no filter.
 """
 
 from __future__ import annotations
