@@ -8,11 +8,16 @@ instance, because TRL and rlfw create an instance per rollout.
 Reward: token F1 between the final ``<answer>`` and the gold answer (``search_qa_exact_match`` is the strict
 variant). Turn reward: 1.0 when the turn's searches surfaced a gold-evidence document (one in the question's
 ``chain``) not retrieved before in the episode, 0.0 otherwise, None for a turn without searches.
+
+Every row also carries ``ground_truth_calls`` (JSON list of ``{"name", "arguments"}``): the searches of the ideal
+trace, one per hop whose document no earlier search returned. ``SearchQAMatchEnv`` rewards turns by matching the
+episode's searches against them (MatchTIR, ``rlfw.rewards.matched_turn_rewards``), the answer turn by its F1.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import random
 import re
 import string
@@ -35,6 +40,7 @@ from envs.episode import (
     tool_call_message,
     traces_dataset,
 )
+from rlfw.rewards import matched_turn_rewards
 
 TOP_K = 3
 NEW_EVIDENCE_REWARD = 1.0
@@ -102,11 +108,27 @@ def _questions(n: int, seed: int, split: str, corpus_seed: int, max_hops: int) -
     return [pool[i % len(pool)] for i in range(n)]
 
 
+def ideal_searches(index: SearchIndex, question: dict[str, Any]) -> list[tuple[str, list[int]]]:
+    """The ideal trace's searches: (query, documents found) per hop whose document no earlier search returned."""
+    searches, seen = [], set()
+    for entity in question["chain"]:
+        if index.corpus.titles.index(entity) in seen:
+            continue  # an earlier search already returned this hop's document
+        doc_ids = index.search(entity)
+        seen.update(doc_ids)
+        searches.append((entity, doc_ids))
+    return searches
+
+
 def build_dataset(n: int, seed: int = 0, split: str = "train", corpus_seed: int = 0, max_hops: int = 3) -> Dataset:
-    """Columns: prompt, answer (str), num_hops (int), chain (entity names to look up), corpus_seed (int)."""
+    """Columns: prompt, answer (str), num_hops (int), chain (entity names to look up), corpus_seed (int),
+    ground_truth_calls (JSON list of the ideal trace's search calls)."""
+    index = get_index(corpus_seed)
     return Dataset.from_list([
         {"prompt": conversation(SYSTEM_PROMPT, q["question"]), "answer": q["answer"], "num_hops": q["num_hops"],
-         "chain": q["chain"], "corpus_seed": corpus_seed}
+         "chain": q["chain"], "corpus_seed": corpus_seed,
+         "ground_truth_calls": json.dumps([{"name": "search", "arguments": {"query": query}}
+                                           for query, _ in ideal_searches(index, q)])}
         for q in _questions(n, seed, split, corpus_seed, max_hops)
     ])
 
@@ -122,12 +144,8 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", corpus_seed: i
     index = get_index(corpus_seed)
     traces = []
     for q in _questions(n, seed, split, corpus_seed, max_hops=3):
-        messages, seen = conversation(SYSTEM_PROMPT, q["question"]), set()
-        for entity in q["chain"]:
-            if index.corpus.titles.index(entity) in seen:
-                continue  # an earlier search already returned this hop's document
-            doc_ids = index.search(entity)
-            seen.update(doc_ids)
+        messages = conversation(SYSTEM_PROMPT, q["question"])
+        for entity, doc_ids in ideal_searches(index, q):
             messages.append(tool_call_message("search", {"query": entity}))
             messages.append({"role": "tool", "name": "search", "content": format_results(index, doc_ids)})
         messages.append({"role": "assistant", "content": ANSWER_FORMAT.format(q["answer"])})
@@ -166,6 +184,38 @@ class SearchQAEnv(EpisodeEnvironment):
 
     def _score_turn(self, events: list[dict[str, Any]]) -> float:
         return NEW_EVIDENCE_REWARD if any(e["new_evidence"] for e in events) else 0.0
+
+
+class SearchQAMatchEnv(SearchQAEnv):
+    """SearchQAEnv whose turn rewards match the episode's searches against the row's ``ground_truth_calls``.
+
+    A turn gets the mean match score of its searches (0 for a turn without any), the final answer turn its F1; the
+    matching runs over the whole trajectory once the episode is over (``_final_turn_rewards``), so a repeated search
+    earns nothing. ``assignment``: "greedy" (MatchTIR's reference code), "hungarian" or "ot" (subclass to change).
+    """
+
+    assignment = "greedy"
+
+    def _clear(self, row: dict[str, Any]) -> None:
+        super()._clear(row)
+        calls = row.get("ground_truth_calls") or "[]"
+        self.ground_truth_calls = json.loads(calls) if isinstance(calls, str) else list(calls)
+        self.turn_calls: list[list[dict[str, Any]]] = []
+        self.answered = False
+
+    def _record_final_answer(self, text: str) -> bool:
+        self.answered = super()._record_final_answer(text)
+        return self.answered
+
+    def _pop_turn_reward(self) -> float | None:
+        events = self.tool_events[self._turn_start:]
+        self._turn_start = len(self.tool_events)
+        self.turn_calls.append([{"name": e["tool"], "arguments": {"query": e["query"]}} for e in events])
+        return None  # known only once the episode is over
+
+    def _final_turn_rewards(self, turn_rewards: list[float]) -> list[float]:
+        return matched_turn_rewards(self.turn_calls, self.ground_truth_calls, self.assignment,
+                                    answer_score=self.get_reward() if self.answered else None)
 
 
 search_qa_f1 = reward_function("search_qa_f1", lambda text, row: token_f1(extract_answer(text), row["answer"]))

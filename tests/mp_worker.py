@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import REPO, fast_config, hashed_reward, prompt_rows  # noqa: E402
+from conftest import REPO, fast_config, hashed_reward, prompt_rows, text_of  # noqa: E402
 
 from rlfw.assets import load_tokenizer  # noqa: E402
 from rlfw.checkpoint import STATE_FILE  # noqa: E402
@@ -115,7 +116,13 @@ ESTIMATOR_CONFIGS = {
     "gated": "python_sandbox/gated.yaml",
     "igpo": "search_qa/igpo.yaml",
     "epo": "calculator/epo.yaml",
+    "infopo": "search_qa/infopo.yaml",
+    "matchtir": "search_qa/matchtir.yaml",
+    "noisy_verifier": "calculator/noisy_verifier.yaml",
+    "opmd": "calculator/opmd.yaml",
+    "asymre": "calculator/asymre.yaml",
 }
+BINARY_REWARD = {"noisy_verifier"}  # trained on the 0/1 hashed reward alone (the estimator rejects other values)
 # Tiny and fast: 2 prompts per step, short episodes, short tool results (median needs an odd group).
 CONFIG_OVERRIDES = {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 8, "max_turns": 3,
                     "max_completion_length": 96, "max_tool_result_chars": 40, "dataset_size": 16,
@@ -221,10 +228,16 @@ class ConfigRunTrainer(RLTrainer):
         return super()._probe_logprobs(input_ids, attention_mask, logits_to_keep)
 
 
+def binary_hashed_reward(completions, **kwargs) -> list[float]:
+    """0 or 1, deterministic in the completion text and varied within groups."""
+    return [float(zlib.crc32(text_of(c).encode()) % 2) for c in completions]
+
+
 def config_run(assets: str, name: str, output_dir, trainer_cls=ConfigRunTrainer, **overrides) -> ConfigRunTrainer:
     """Train estimator ``name`` through its config file (sizes overridden) with the MixedBackend; returns the trainer.
 
-    The config's environment reward is joined by ``hashed_reward`` so that rewards vary within every group.
+    The config's environment reward is joined by ``hashed_reward`` so that rewards vary within every group (for
+    estimators that need 0/1 rewards: ``binary_hashed_reward`` alone, the other rewards weighted 0).
     """
     from rlfw.recipe import load_datasets, parse_args
 
@@ -238,9 +251,12 @@ def config_run(assets: str, name: str, output_dir, trainer_cls=ConfigRunTrainer,
     train_dataset, _ = load_datasets(script_args)
     from rlfw.rewards import load_reward_func
 
+    reward_funcs = list(map(load_reward_func, script_args.reward_funcs))
+    if name in BINARY_REWARD:  # weights: the config's functions, the binary reward, the environment's reward
+        config.reward_weights = [0.0] * len(reward_funcs) + [1.0, 0.0]
+    reward_funcs.append(binary_hashed_reward if name in BINARY_REWARD else hashed_reward)
     trainer = trainer_cls(model=assets, args=config, train_dataset=train_dataset, rollout_backend=MixedBackend,
-                          reward_funcs=[*map(load_reward_func, script_args.reward_funcs), hashed_reward],
-                          processing_class=load_tokenizer(assets))
+                          reward_funcs=reward_funcs, processing_class=load_tokenizer(assets))
     trainer.train()
     return trainer
 
@@ -273,7 +289,8 @@ def estimator_records(trainer: ConfigRunTrainer) -> dict:
     for batch, result in trainer.estimator.calls:
         fields = {k: v for k, v in vars(batch).items() if v is not None}
         steps.append({"batch": fields, "advantages": result.advantages, "keep": result.keep})
-    return _jsonable({"advantage_kwargs": trainer.args.advantage_kwargs, "steps": steps,
+    return _jsonable({"advantage_kwargs": trainer.args.advantage_kwargs, "num_iterations": trainer.args.num_iterations,
+                      "steps": steps,
                       "local": trainer.local_outputs, "loss_inputs": trainer.loss_inputs,
                       "probe_calls": trainer.probe_calls, "state": trainer.estimator.state_dict(),
                       "metrics": [e for e in trainer.state.log_history if "loss" in e]})

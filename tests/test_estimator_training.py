@@ -1,6 +1,6 @@
 """Every estimator trains through its config file, and what it computes is what the loss gets.
 
-- For each of grpo, rloo, median, stratified, riskpo, gated, igpo, epo: 2 steps from configs/<env>/<name>.yaml on
+- For every estimator (tests/mp_worker.py ESTIMATOR_CONFIGS): 2 steps from configs/<env>/<name>.yaml on
   the tiny local model (sizes shrunk; tests/mp_worker.py ``config_run``). Every other episode is scripted (tool
   calls, then an answer) so that runs have tool calls and several turns; the rest are sampled from the model. The
   estimator is wrapped to record its output, which must equal the advantages ``_compute_loss`` receives for those
@@ -58,10 +58,12 @@ def assert_reaches_loss(advantages, keep, loss_inputs: list[dict]) -> set[int]:
 def test_estimator_trains_through_its_config(name, tmp_path, tiny_assets):
     trainer = config_run(tiny_assets, name, tmp_path / "out")
     assert trainer.state.global_step == 2
-    calls = trainer.estimator.calls
-    assert len(calls) == 2 and len(trainer.loss_inputs) == 2  # one generation batch and one loss call per step
+    calls, iterations = trainer.estimator.calls, trainer.args.num_iterations
+    # one generation batch per num_iterations steps, one loss call per step
+    assert len(calls) == 2 // iterations and len(trainer.loss_inputs) == 2
     nonzero = False
-    for (batch, result), loss_input in zip(calls, trainer.loss_inputs, strict=True):
+    for step, loss_input in enumerate(trainer.loss_inputs):
+        batch, result = calls[step // iterations]
         n = batch.rewards.numel()
         assert result.advantages.shape[0] == n and result.keep.shape == (n,)
         assert assert_reaches_loss(result.advantages, result.keep, [loss_input]) == set(range(n))
@@ -71,15 +73,48 @@ def test_estimator_trains_through_its_config(name, tmp_path, tiny_assets):
     assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
     for entry in logs:
         assert any(key.startswith(f"advantages/{name}/") for key in entry), sorted(entry)
-    if name == "median":
-        assert all(not result.keep.all() for _, result in calls)  # one pivot per group left the loss
-    if name == "igpo":
-        assert all(entry["advantages/igpo/probe_seconds"] > 0 for entry in logs)
-        for batch, _ in calls:
-            logp = batch.answer_logprobs  # (N, K)
-            exists = torch.arange(logp.size(1))[None, :] < batch.num_turns[:, None]
-            assert torch.equal(~torch.isnan(logp), exists) and (logp[exists] < 0).all()
-            assert ((batch.num_turns > 1) & ~batch.truncated).any(), "no rollout with an information gain"
+    CONFIG_RUN_CHECKS.get(name, lambda trainer, logs: None)(trainer, logs)
+
+
+def _median_drops_pivots(trainer, logs):
+    assert all(not result.keep.all() for _, result in trainer.estimator.calls)  # one pivot per group left the loss
+
+
+def _igpo_probes(trainer, logs):
+    assert all(entry["advantages/igpo/probe_seconds"] > 0 for entry in logs)
+    for batch, _ in trainer.estimator.calls:
+        logp = batch.answer_logprobs  # (N, K)
+        exists = torch.arange(logp.size(1))[None, :] < batch.num_turns[:, None]
+        assert torch.equal(~torch.isnan(logp), exists) and (logp[exists] < 0).all()
+        assert ((batch.num_turns > 1) & ~batch.truncated).any(), "no rollout with an information gain"
+
+
+def _infopo_gains(trainer, logs):
+    assert all(entry["advantages/infopo/probe_seconds"] > 0 for entry in logs)
+    for batch, _ in trainer.estimator.calls:
+        gain, lengths = batch.info_gain, batch.turn_lengths  # (N, K)
+        exists = torch.arange(gain.size(1))[None, :] < batch.num_turns[:, None]
+        assert (~torch.isnan(gain)).any(), "no turn followed by a tool result"
+        last = gain[torch.arange(len(gain)), batch.num_turns - 1]
+        assert not (~torch.isnan(gain) & ~exists).any() and torch.isnan(last).all()  # NaN past and at the last turn
+        assert not ((lengths > 0) & ~exists).any() and (lengths[~torch.isnan(gain)] > 0).all()
+
+
+def _matchtir_turn_rewards(trainer, logs):
+    for batch, _ in trainer.estimator.calls:
+        exists = torch.arange(batch.turn_rewards.size(1))[None, :] < batch.num_turns[:, None]
+        values = batch.turn_rewards[exists]
+        assert not torch.isnan(values).any() and ((values >= 0) & (values <= 1)).all()
+        assert (values > 0).any(), "no search matched the ground-truth calls"
+
+
+def _opmd_term_acts_on_the_second_pass(trainer, logs):
+    terms = [entry["advantages/opmd/loss_term"] for entry in logs]
+    assert abs(terms[0]) < 1e-9 < terms[1], terms  # same weights as the sampling policy, then moved
+
+
+CONFIG_RUN_CHECKS = {"median": _median_drops_pivots, "igpo": _igpo_probes, "infopo": _infopo_gains,
+                     "matchtir": _matchtir_turn_rewards, "opmd": _opmd_term_acts_on_the_second_pass}
 
 
 class ProbeCheckingTrainer(ConfigRunTrainer):
@@ -205,7 +240,7 @@ def test_two_processes_give_the_one_process_advantages(tmp_path, tiny_assets):
         runs = [from_jsonable(rank["estimators"][name]) for rank in ranks]
         assert _equal(runs[0]["steps"], runs[1]["steps"]), f"{name}: the processes saw different batches"
         assert runs[0]["state"] == runs[1]["state"], name
-        assert len(runs[0]["steps"]) == 2
+        assert len(runs[0]["steps"]) == 2 // runs[0]["num_iterations"]
         one_process = build_estimator(name, **runs[0]["advantage_kwargs"])
         for step, recorded in enumerate(runs[0]["steps"]):
             batch = AdvantageBatch(**recorded["batch"])
@@ -218,8 +253,10 @@ def test_two_processes_give_the_one_process_advantages(tmp_path, tiny_assets):
             for run in runs:
                 rows |= assert_reaches_loss(recorded["advantages"], recorded["keep"], [run["loss_inputs"][step]])
             assert rows == set(range(12))
+    for name in ("igpo", "infopo"):
+        calls = [from_jsonable(rank["estimators"][name])["probe_calls"] for rank in ranks]
+        assert len(calls[0]) == len(calls[1]), f"{name}: processes must run the same number of probe forwards"
     igpo = [from_jsonable(rank["estimators"]["igpo"])["probe_calls"] for rank in ranks]
-    assert len(igpo[0]) == len(igpo[1]), "processes must run the same number of probe forwards"
     dummies = [call for calls in igpo for call in calls if call[:2] == [1, 2]]
     assert dummies, "the processes never had different numbers of probe chunks"
 
