@@ -235,7 +235,7 @@ def test_igpo_without_an_answer_column_fails_before_the_model_loads(tmp_path):
 def test_two_processes_give_the_one_process_advantages(tmp_path, tiny_assets):
     out = tmp_path / "mp"
     ranks = run_two_ranks(TORCHRUN_2, [str(TESTS / "mp_worker.py"), "--assets", tiny_assets, "--out", str(out),
-                                       "--scenario", "estimators"], tmp_path, out, timeout=400)
+                                       "--scenario", "estimators"], tmp_path, out, timeout=1500)
     for name in ESTIMATORS:
         runs = [from_jsonable(rank["estimators"][name]) for rank in ranks]
         assert _equal(runs[0]["steps"], runs[1]["steps"]), f"{name}: the processes saw different batches"
