@@ -15,26 +15,30 @@ from conftest import ScriptedPolicy
 from envs import python_sandbox, sandbox
 from envs.python_sandbox import PythonSandboxEnv
 
-# A daemon that, for 3 s after its run "ended", tries to overwrite every output another run could produce.
+# A daemon (started through _posixsubprocess, in a session of its own) that, for 3 s after its run "ended", tries to
+# overwrite every output another run could produce.
 FORGER = """
+import os, sys
+from multiprocessing.util import spawnv_passfds
+daemon = '''
 import glob, os, time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        end = time.time() + 3
-        while time.time() < end:
-            targets = glob.glob('/tmp/rlfw-sandbox-*/.stdout') + glob.glob('/tmp/*') + glob.glob('/proc/[0-9]*/fd/1')
-            for path in targets:
-                try:
-                    with open(path, 'w') as f:
-                        f.write('FORGED')
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        os._exit(0)
-    os._exit(0)
+os.setsid()
+end = time.time() + 3
+while time.time() < end:
+    for path in glob.glob('/tmp/rlfw-sandbox-*/.std*') + glob.glob('/tmp/*') + glob.glob('/proc/[0-9]*/fd/[12]'):
+        try:
+            with open(path, 'w') as f:
+                f.write('FORGED')
+        except OSError:
+            pass
+    time.sleep(0.05)
+'''
+spawnv_passfds(os.fsencode(sys.executable), [sys.executable, '-c', daemon], [])
 for name in ('.stdout', '.stderr'):
-    os.symlink('/proc/self/environ', name)
+    try:
+        os.symlink('/proc/self/environ', name)
+    except OSError:
+        pass
 print('forger started')
 """
 
@@ -100,12 +104,11 @@ def test_eight_concurrent_hostile_episodes_cannot_affect_each_other():
     assert not any(t.is_alive() for t in threads)
     assert time.monotonic() - start < 90
     for i in range(8):
-        assert not any("FORGED" in out for out in outputs[i]), (i, outputs[i])
-        if i % 2:
+        if i % 2:  # exactly its own output and score: nothing of the forgers reached it
             assert outputs[i] == [f"episode {i} call {k}" for k in range(4)]
             assert rewards[i] == 1.0
-        else:
-            assert outputs[i] == ["forger started"]
+        else:  # a forger may spoil its own output; it scores as the failure it is
+            assert outputs[i][0].startswith("forger started"), outputs[i]
             assert rewards[i] == 0.0
 
 
