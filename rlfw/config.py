@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from rlfw.advantages import ESTIMATORS, ChecksConfig, build_estimator
+from rlfw.rollout.engine import DEFAULT_REMINDER, NON_FINAL_TURNS
 from rlfw.rollout.rollout_func import ROLLOUT_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,23 @@ class RLConfig(GRPOConfig):
     tool_parser: str | None = field(
         default=None,
         metadata={"help": "Tool-call format: 'rlfw', 'hermes', 'llama3'; None = detect from the chat template."},
+    )
+    non_final_turn: str = field(
+        default="continue",
+        metadata={"help": "A multi-turn assistant turn that is neither a tool call nor a final answer (by the "
+                  "environment's _record_final_answer): 'continue' (the model gets another assistant turn right "
+                  "away), 'remind' (the environment answers with format_reminder as a user turn, then the model "
+                  "continues) or 'end' (the episode ends there, truncated: no final answer)."},
+    )
+    format_reminder: str = field(
+        default=DEFAULT_REMINDER,
+        metadata={"help": "The user turn sent after a non-final turn with non_final_turn='remind'."},
+    )
+    zero_signal_patience: int = field(
+        default=10,
+        metadata={"help": "Warn when this many generation batches in a row have no learning signal (every advantage "
+                  "zero, e.g. frac_reward_zero_std 1 with grpo); logged as advantages/zero_signal_streak. 0 = "
+                  "never warn."},
     )
     reward_errors: str = field(
         default="raise",
@@ -136,3 +154,7 @@ class RLConfig(GRPOConfig):
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}.")
         if self.tool_timeout <= 0:
             raise ValueError(f"tool_timeout must be > 0 seconds, got {self.tool_timeout}.")
+        if self.non_final_turn not in NON_FINAL_TURNS:
+            raise ValueError(f"non_final_turn={self.non_final_turn!r} is not valid; use one of {list(NON_FINAL_TURNS)}.")
+        if self.zero_signal_patience < 0:
+            raise ValueError(f"zero_signal_patience must be >= 0 (0 = never warn), got {self.zero_signal_patience}.")

@@ -39,6 +39,7 @@ from rlfw.advantages import (
 from rlfw.advantages.fields import LocalRows, supplied_fields
 from rlfw.config import RLConfig
 from rlfw.environment import resolve_environment
+from rlfw.monitor import ZeroSignalMonitor
 from rlfw.preemption import PreemptionCallback
 from rlfw.rewards import contain_reward_errors, environment_reward
 
@@ -86,7 +87,8 @@ class RLTrainer(GRPOTrainer):
             kwargs["rollout_func"] = make_rollout_func(
                 env_cls, max_turns=args.max_turns, tool_timeout=args.tool_timeout,
                 max_tool_result_chars=args.max_tool_result_chars, parser=args.tool_parser,
-                backend=rollout_backend or args.rollout_backend,
+                backend=rollout_backend or args.rollout_backend, non_final_turn=args.non_final_turn,
+                format_reminder=args.format_reminder,
             )
             if hasattr(env_cls, "get_reward"):
                 reward_funcs.append(environment_reward(env_cls))
@@ -99,6 +101,7 @@ class RLTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.preemption = PreemptionCallback(self.accelerator)
         self.add_callback(self.preemption)
+        self.zero_signal = ZeroSignalMonitor(args.zero_signal_patience, warn=self.accelerator.is_main_process)
 
     # ------------------------------------------------------------------ set-up checks
     def _check_requires(self, args: RLConfig, multi_turn: bool, train_dataset: Any = None) -> None:
@@ -250,6 +253,8 @@ class RLTrainer(GRPOTrainer):
             output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         output["rlfw_keep"] = keep.float()
         self._log_advantages(advantages, result)
+        streak = self.zero_signal.update(advantages, result.keep)  # gathered values: the same on every process
+        self._metrics["train"]["advantages/zero_signal_streak"].append(float(streak))
 
     def _token_turn_ids(self, inputs: list[dict], output: dict) -> torch.Tensor:
         mask = output["completion_mask"]
@@ -316,7 +321,9 @@ class RLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ checkpoints and preemption
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         with self.preemption.catch_signals():  # SIGTERM: finish the step, save, stop (rlfw.preemption)
-            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        self.zero_signal.finish()
+        return output
 
     @property
     def preempted(self) -> bool:

@@ -91,20 +91,33 @@ def _with_observation(prompt: Any, observation: str | None) -> list[dict[str, An
     return messages
 
 
+NON_FINAL_TURNS = ("continue", "remind", "end")
+DEFAULT_REMINDER = "Your reply was neither a tool call nor a final answer. Call a tool, or give your final answer."
+
+
 class RolloutEngine:
     """Runs batches of multi-turn episodes against a generation ``Backend``.
 
     ``contain_reset_errors``: a ``reset`` that raises fails only its episode (training); False (default) lets the
     exception through, for evaluation and debugging.
+
+    ``non_final_turn``: what follows an assistant turn that ended (EOS) with neither a tool call nor a final answer
+    (``_record_final_answer`` said no): "continue" (default) appends the next generation prompt, so the transcript
+    has two assistant messages in a row; "remind" appends ``format_reminder`` as a user turn first; "end" ends the
+    episode, truncated. Environments without ``_record_final_answer`` count every call-free turn as final.
     """
 
     def __init__(self, tokenizer: Any, backend: Backend, *, max_turns: int, max_completion_length: int,
                  parser: Any = None, tool_timeout: float = 30.0, max_tool_result_chars: int = 2000,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None,
                  eos_token_ids: Sequence[int] | None = None, any_active: Callable[[bool], bool] | None = None,
-                 contain_reset_errors: bool = False):
+                 contain_reset_errors: bool = False, non_final_turn: str = "continue",
+                 format_reminder: str | None = None):
         if max_turns < 1 or max_completion_length < 1:
             raise ValueError("max_turns and max_completion_length must be >= 1")
+        if non_final_turn not in NON_FINAL_TURNS:
+            raise ValueError(f"non_final_turn={non_final_turn!r} is not valid; use one of {list(NON_FINAL_TURNS)}")
+        self.non_final_turn, self.format_reminder = non_final_turn, format_reminder or DEFAULT_REMINDER
         self.tokenizer, self.backend = tokenizer, backend
         self.max_turns, self.max_completion_length = max_turns, max_completion_length
         self.parser = detect_parser(tokenizer, parser)
@@ -126,7 +139,7 @@ class RolloutEngine:
 
     def env_suffix_ids(self, tool_messages: list[dict[str, Any]]) -> list[int]:
         """Template ids for ``tool_messages`` + the next generation prompt, as they follow an assistant EOS."""
-        if tool_messages:
+        if tool_messages and tool_messages[0].get("role") == "tool":
             call = {"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}
             assistant = {"role": "assistant", "content": "", "tool_calls": [call]}
         else:
@@ -208,8 +221,12 @@ class RolloutEngine:
                 ep.finish(truncated=False)
             elif last_turn:  # no turn left to read tool results: the calls are not run
                 ep.finish(truncated=True)
+            elif not parsed.has_calls and self.non_final_turn == "end":
+                ep.finish(truncated=True)
             elif not parsed.has_calls:
-                continuing.append((ep, []))
+                reminder = [{"role": "user", "content": self.format_reminder}] if self.non_final_turn == "remind" else []
+                ep.messages += reminder
+                continuing.append((ep, reminder))
             else:
                 calls = [*parsed.calls, *parsed.errors]
                 jobs += [(tools[k], c) for c in calls]

@@ -121,7 +121,8 @@ def log_metrics(trainer: Any, episodes: list[Episode]) -> None:
 
 
 def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_timeout: float = 30.0,
-                      max_tool_result_chars: int = 2000, parser: Any = None, backend: str | BackendFactory = "hf"
+                      max_tool_result_chars: int = 2000, parser: Any = None, backend: str | BackendFactory = "hf",
+                      non_final_turn: str = "continue", format_reminder: str | None = None
                       ) -> Callable[[list, Any], dict[str, list]]:
     """A TRL ``rollout_func(prompts, trainer)`` running the multi-turn engine with one env per completion.
 
@@ -137,7 +138,7 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
       (None, or why the environment's reset raised: that episode is unscorable)
 
     ``backend``: a name in ``ROLLOUT_BACKENDS`` ("hf": transformers generate, "vllm": the trainer's vLLM) or a
-    factory ``trainer -> Backend``.
+    factory ``trainer -> Backend``. ``non_final_turn`` / ``format_reminder``: see ``RolloutEngine``.
     """
     if backend == "vllm":
         from rlfw.rollout.backends import require_vllm
@@ -153,7 +154,8 @@ def make_rollout_func(env_factory: Callable[[], Any], *, max_turns: int, tool_ti
             raise ValueError(f"trainer.rollout_rows has {len(rows)} rows for {len(prompts)} prompts")
         if id(trainer) not in engines:
             engines[id(trainer)] = _build_engine(trainer, factory, max_turns=max_turns, parser=parser,
-                                                 tool_timeout=tool_timeout, max_tool_result_chars=max_tool_result_chars)
+                                                 tool_timeout=tool_timeout, max_tool_result_chars=max_tool_result_chars,
+                                                 non_final_turn=non_final_turn, format_reminder=format_reminder)
         while len(pool) < len(rows):
             pool.append(env_factory())
         envs = pool[: len(rows)]
