@@ -12,6 +12,7 @@ import ast
 import math
 import operator
 import random
+import re
 from typing import Any
 
 from datasets import Dataset
@@ -182,7 +183,7 @@ def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1,
 
 def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
                      style: str = "word", direct_fraction: float = 0.0, bad_call_fraction: float = 0.0,
-                     max_operand: int = 12) -> Dataset:
+                     max_operand: int = 12, guess_answers: bool = False) -> Dataset:
     """Conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
 
     Returned as TRL's conversational prompt-completion format: columns prompt (system, user) and completion.
@@ -191,6 +192,10 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
     - ``direct_fraction`` of the traces answer at once without the tool (right only for memorised questions);
     - ``bad_call_fraction`` of the remaining traces call the tool with a wrong argument name (``expr``), get the
       error observation, and then answer without a result.
+
+    Those tool-less answers are right (a demonstrator that knows the answer) unless ``guess_answers``: then they are
+    the expression's first number, the guess of a policy that skips the tool (wrong but for rare cases), so the
+    warm start does not learn to answer without the tool as if it could compute.
     """
     for name, value in (("direct_fraction", direct_fraction), ("bad_call_fraction", bad_call_fraction)):
         if not 0.0 <= value <= 1.0:
@@ -200,7 +205,8 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
     direct_answer = {"role": "assistant", "content": ""}
     executor = ToolExecutor()
     for p in _problems(n, seed, split, min_ops, max_ops, max_operand):
-        guess = {**direct_answer, "content": ANSWER_FORMAT.format(p["answer"])}
+        guessed = re.match(r"\(*(\d+)", p["expression"]).group(1) if guess_answers else p["answer"]
+        guess = {**direct_answer, "content": ANSWER_FORMAT.format(guessed)}
         if rng.random() < direct_fraction:
             traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)), guess])
             continue
