@@ -43,7 +43,7 @@ def run_one(seed: int, threads: int, extra: list[str]) -> dict:
 
 def run_all(seeds: list[int], threads: list[int], workers: int, extra: list[str]) -> list[dict]:
     """Every (seed, threads) run, at most ``workers`` cores busy (a 2-thread run takes two)."""
-    pending = [(s, t) for t in sorted(threads, reverse=True) for s in seeds]
+    pending = [(s, t) for t in sorted(threads) for s in seeds]
     results, running, busy = [], {}, 0
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         while pending or running:
