@@ -136,14 +136,20 @@ def test_token_fidelity_of_a_scripted_three_turn_episode(real_tokenizer):
     assert len(env_segments) == 2 and all(tok.decode(s).lstrip("\n").startswith("<|im_start|>user\n<tool_response>")
                                           for s in env_segments)
 
-    # A sampled tokenization decode+re-encode would change ("Milo" as "M"+"ilo"): kept exactly, not re-tokenized.
-    odd = tok.encode("Milo has <answer>84</answer>", add_special_tokens=False)
-    odd = tok.convert_tokens_to_ids(["M", "ilo"]) + odd[1:] + [eos]
+    # A sampled tokenization decode+re-encode would change ("Milo" letter by letter): kept exactly, not re-tokenized.
+    odd = letters(tok, "Milo") + tok.encode(" has <answer>84</answer>", add_special_tokens=False) + [eos]
     assert tok.encode(tok.decode(odd[:-1]), add_special_tokens=False) != odd[:-1]
     engine = RolloutEngine(tok, ScriptedIds([canonical[0], canonical[1], odd]), max_turns=3, max_completion_length=400)
     episode = engine.run([row], [ENVIRONMENT()])[0]
     assert [ids for m, ids in _segments(episode.env_mask, episode.completion_ids) if m == 1][-1] == odd
     assert episode.logprobs[-len(odd):] == [-0.5] * len(odd)
+
+
+def letters(tok, word: str) -> list[int]:
+    """``word`` as one token per letter: a tokenization BPE never produces for a word it has merges for."""
+    ids = tok.convert_tokens_to_ids(list(word))
+    assert ids != tok.encode(word, add_special_tokens=False), f"{word!r} is already tokenized letter by letter"
+    return ids
 
 
 def _calculator_tools() -> list[dict]:
@@ -215,9 +221,10 @@ def test_retokenization_drift_is_measured(real_tokenizer, real_model):
     from rlfw.rollout import HFBackend
 
     tok = real_tokenizer
-    odd = tok.convert_tokens_to_ids(["M", "ilo"]) + [tok.eos_token_id]
+    odd = letters(tok, "Milo") + [tok.eos_token_id]
     report = retokenization_drift(tok, [odd, tok.encode("Milo", add_special_tokens=False)])
-    assert (report.completions, report.changed) == (2, 1) and report.examples[0][0] == ["M", "ilo"]
+    assert (report.completions, report.changed, len(report.examples)) == (2, 1, 1)
+    assert report.examples[0][0] == ["M", "i", "l"]  # the sampled tokens from the first difference on
     torch.manual_seed(0)
     backend = HFBackend(real_model, tok)  # TRL's sampling: temperature 1, top_k 0
     prompts = []
