@@ -175,12 +175,12 @@ def write_report(out: Path, config_path: str, seed: int, before: dict, after: di
 
 
 def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: dict | None = None,
-        rl_args: list[str] | None = None, launch: bool = True) -> dict:
+        rl_args: list[str] | None = None, launch: bool = True, warm_start: str | None = None) -> dict:
     """The whole quickstart: SFT warm start, held-out evaluation, RL, evaluation again, report.
 
     ``sft`` overrides SFT_DEFAULTS; ``rl_args`` are extra flags of recipes/train.py; ``launch`` False trains in this
-    process instead of through ``accelerate launch`` (the tests do, to save a process start). Returns what
-    results.json holds.
+    process instead of through ``accelerate launch`` (the tests do, to save a process start); ``warm_start``, an
+    SFT output directory, skips the SFT. Returns what results.json holds.
     """
     from sft import run_sft  # sibling script (recipes/ is on sys.path)
 
@@ -191,10 +191,11 @@ def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: d
     out.mkdir(parents=True, exist_ok=True)
     timings, t0 = {}, time.time()
     assets = ensure_assets("assets/small", seed=0, preset="small")
-    sft_dir = str(out / "sft")
-    print(f"[1/4] supervised warm-start of {assets} on {config['dataset']} traces", flush=True)
-    run_sft(str(assets), config["dataset"], sft_dir, sft["examples"], sft["epochs"], sft["learning_rate"],
-            seed=seed, task_kwargs=sft["task_kwargs"])
+    sft_dir = warm_start or str(out / "sft")
+    if warm_start is None:
+        print(f"[1/4] supervised warm-start of {assets} on {config['dataset']} traces", flush=True)
+        run_sft(str(assets), config["dataset"], sft_dir, sft["examples"], sft["epochs"], sft["learning_rate"],
+                seed=seed, task_kwargs=sft["task_kwargs"])
     timings["sft"] = time.time() - t0
     print("[2/4] evaluating the warm-started model on held-out prompts", flush=True)
     before = evaluate(sft_dir, config, eval_size)

@@ -27,7 +27,6 @@ def run_sft(model_path: str, task: str, out: str, num_examples: int = 2000, epoc
         lr_scheduler_type="cosine", warmup_steps=10, logging_steps=20, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False, seed=seed,
         max_length=max_length, disable_tqdm=False,
-        train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding, the same examples
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=traces, processing_class=tokenizer)
     trainer.train()
