@@ -15,8 +15,8 @@ from conftest import ScriptedPolicy
 from envs import python_sandbox, sandbox
 from envs.python_sandbox import PythonSandboxEnv
 
-# A daemon (started through _posixsubprocess, in a session of its own) that, for 3 s after its run "ended", tries to
-# overwrite every output another run could produce.
+# A daemon (started through _posixsubprocess, in a session of its own) that for 3 s, during its run and after it,
+# tries to overwrite every output another run could produce.
 FORGER = """
 import os, sys
 from multiprocessing.util import spawnv_passfds
@@ -39,6 +39,8 @@ for name in ('.stdout', '.stderr'):
         os.symlink('/proc/self/environ', name)
     except OSError:
         pass
+import time
+time.sleep(2)  # the daemon forges while the other episodes run
 print('forger started')
 """
 
@@ -105,7 +107,9 @@ def test_eight_concurrent_hostile_episodes_cannot_affect_each_other():
     assert time.monotonic() - start < 90
     for i in range(8):
         if i % 2:  # exactly its own output and score: nothing of the forgers reached it
-            assert outputs[i] == [f"episode {i} call {k}" for k in range(4)]
+            for k, out in enumerate(outputs[i]):
+                # On an overloaded machine a call may also reach its wall clock; its output is still its own.
+                assert out in (f"episode {i} call {k}", f"episode {i} call {k}\n[stopped: timeout]"), (i, outputs[i])
             assert rewards[i] == 1.0
         else:  # a forger may spoil its own output; it scores as the failure it is
             assert outputs[i][0].startswith("forger started"), outputs[i]
