@@ -219,6 +219,15 @@ def group_zscore_keep_singletons(x: Tensor, index: Tensor, num_groups: int, eps:
     return torch.where(single & ~torch.isnan(x), x / (1.0 + eps), z)
 
 
-def sample_std(x: Tensor) -> Tensor:
-    """Sample std (ddof 1) of all entries; 0 for fewer than two. A 0-dim tensor."""
-    return x.std(unbiased=True) if x.numel() > 1 else x.new_zeros(())
+def group_weighted_mean_std(x: Tensor, weight: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Mean and sample std per group with frequency weights: entry j counts weight[j] times (0: not at all).
+
+    Equal to the plain statistics of the expanded values (e.g. one copy per token of a turn) without expanding them;
+    std is 0 for a group whose weights sum to 1 or less. Returns (mean, std), each (num_groups,).
+    """
+    w = weight.to(x.dtype)
+    total = torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add(0, index, w)
+    mean = torch.zeros_like(total).index_add(0, index, w * x) / total.clamp(min=1)
+    squares = torch.zeros_like(total).index_add(0, index, w * (x - mean[index]) ** 2)
+    std = torch.where(total > 1, squares / (total - 1).clamp(min=1), torch.zeros_like(total)).sqrt()
+    return mean, std

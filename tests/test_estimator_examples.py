@@ -8,21 +8,13 @@ import math
 
 import pytest
 import torch
+from test_estimators import _batch
 
 from rlfw.advantages import AdvantageBatch, LossInputs, build_estimator
 from rlfw.rewards import call_similarity, match_calls, matched_turn_rewards
 
 NAN = math.nan
 F64 = torch.float64
-
-
-def _batch(rewards, sizes=None, **fields) -> AdvantageBatch:
-    rewards = torch.as_tensor(rewards, dtype=F64)
-    sizes = sizes or [rewards.numel()]
-    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    tensors = {k: torch.as_tensor(v, dtype=F64 if k in ("turn_rewards", "info_gain") else None)
-               for k, v in fields.items()}
-    return AdvantageBatch(rewards, group_ids, **tensors)
 
 
 def _close(actual, expected, atol=0.51e-4):

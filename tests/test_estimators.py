@@ -21,7 +21,7 @@ def _batch(rewards, group_sizes=None, **fields) -> AdvantageBatch:
     rewards = torch.as_tensor(rewards, dtype=F64)
     sizes = group_sizes or [rewards.numel()]
     group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    tensors = {k: torch.as_tensor(v, dtype=F64 if k in ("turn_rewards", "answer_logprobs") else None)
+    tensors = {k: torch.as_tensor(v, dtype=F64 if k in ("turn_rewards", "answer_logprobs", "info_gain") else None)
                for k, v in fields.items()}
     return AdvantageBatch(rewards, group_ids, **tensors)
 

@@ -19,12 +19,11 @@ class AsymRE(BaseEstimator):
     name = "asymre"
 
     def __init__(self, beta: float = 0.1):
-        if not beta >= 0:
-            raise ValueError(f"beta={beta!r} must be >= 0 (how far the baseline is lowered; default 0.1)")
-        self.beta = float(beta)
+        self.beta = self._non_negative("beta", beta, "how far the baseline is lowered; default 0.1")
 
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput:
-        centered = mean_centered(batch.rewards, batch.group_ids)  # (N,)
+        scored = ~torch.isnan(batch.rewards)  # (N,)
         # AsymRE: the baseline is the group mean minus beta (Trinity-RFT: baseline_shift -0.1).
-        adv = torch.where(torch.isnan(batch.rewards), torch.zeros_like(centered), centered + self.beta)
-        return AdvantageOutput(adv, metrics={"abs_mean": adv.abs().mean().item()})
+        adv = mean_centered(batch.rewards, batch.group_ids) + self.beta * scored.to(batch.rewards.dtype)  # (N,)
+        return AdvantageOutput(adv, metrics={"abs_mean": adv.abs().mean().item(),
+                                             "scored_frac": scored.float().mean().item()})

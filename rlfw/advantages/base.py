@@ -171,6 +171,13 @@ class BaseEstimator:
         if value not in choices:
             raise ValueError(f"{option}={value!r} is not valid; choose one of {list(choices)}")
 
+    @staticmethod
+    def _non_negative(option: str, value: float, meaning: str) -> float:
+        """``value`` as a float, or a ValueError saying what the option means."""
+        if not value >= 0:
+            raise ValueError(f"{option}={value!r} must be >= 0 ({meaning})")
+        return float(value)
+
     def __repr__(self) -> str:
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"

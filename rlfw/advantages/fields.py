@@ -48,8 +48,9 @@ class BatchField:
     per_turn: (N, K) when True, else (N,). dtype: of the gathered tensor (per-turn floats are NaN-padded, per-turn
     integers 0-padded). help: meaning, for messages and docs. build: LocalRows -> one value per local row (a list of
     per-turn values when per_turn). single_turn: whether single-turn generation can supply it (multi-turn always
-    can). from_rollout: the rollout returns it per completion. column: (dataset column, what the field does with it, how to
-    fix its absence) when the field needs one. always: built for every batch, required or not (cheap metadata).
+    can). from_rollout: the rollout returns it per completion. column: (dataset column, what the field does with
+    it, how to fix its absence) when the field needs one. always: built for every batch, required or not (cheap
+    metadata).
     """
 
     name: str
@@ -111,8 +112,9 @@ def _info_gain(ctx: LocalRows) -> list:
     return ctx.trainer.info_gain_probes(ctx.rows, ctx.output)
 
 
-ANSWER_FIX = ("answer", "probes the policy's likelihood of the ground-truth answer", "Add the reference answer text as an 'answer' column, or use an estimator that needs no ground "
-                        "truth (e.g. stratified, gated).")
+ANSWER_FIX = ("answer", "probes the policy's likelihood of the ground-truth answer",
+              "Add the reference answer text as an 'answer' column, or use an estimator that needs no ground truth "
+              "(e.g. stratified, gated).")
 
 BATCH_FIELDS: dict[str, BatchField] = {
     "num_tool_calls": BatchField(

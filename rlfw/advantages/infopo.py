@@ -40,7 +40,8 @@ class InfoPO(BaseEstimator):
                 raise ValueError(f"{option}={value!r} must be >= 0 (defaults: beta 0.5, decay 0.0)")
         if not tau > 0:
             raise ValueError(f"tau={tau!r} must be > 0 (gate temperature; default 0.5)")
-        self.beta, self.tau, self.decay, self.token_weighted = float(beta), float(tau), float(decay), bool(token_weighted)
+        self.beta, self.tau, self.decay = float(beta), float(tau), float(decay)
+        self.token_weighted = bool(token_weighted)
 
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput:
         r = batch.rewards
@@ -75,16 +76,16 @@ class InfoPO(BaseEstimator):
         n, k = v.shape
         present = v != 0
         # InfoPO reference code: token-weighted statistics (a turn counts once per token); option: once per turn.
-        copies = torch.where(present, lengths if self.token_weighted else torch.ones_like(lengths), 0).flatten()
-        tokens = torch.repeat_interleave(v.flatten(), copies)  # one entry per counted token (or turn)
-        groups = torch.repeat_interleave(index[:, None].expand(n, k).flatten(), copies)
-        mu = ops.group_mean(tokens, groups, num_groups)[index][:, None]  # (N, 1)
-        sigma = ops.group_std(tokens, groups, num_groups, ddof=1)[index][:, None]  # 0 for a single value: A_int 0
-        return torch.where(present, (v - mu) / (sigma + EPS), torch.zeros_like(v))
+        weight = torch.where(present, lengths if self.token_weighted else torch.ones_like(lengths), 0)  # (N, K)
+        mu, sigma = ops.group_weighted_mean_std(v.flatten(), weight.flatten(), index[:, None].expand(n, k).flatten(),
+                                                num_groups)
+        # A single value has sigma 0 (and v = mu): A_int 0, as the reference's sigma = 1 gives.
+        return torch.where(present, (v - mu[index][:, None]) / (sigma[index][:, None] + EPS), torch.zeros_like(v))
 
     @staticmethod
     def _bound(a_out: torch.Tensor, a_int: torch.Tensor, lengths: torch.Tensor) -> float:
-        """rho = min(1, max(s_out, 1) / s_int), stds over every policy token of the batch."""
-        s_out = ops.sample_std(torch.repeat_interleave(a_out, lengths.sum(1))) + EPS
-        s_int = ops.sample_std(torch.repeat_interleave(a_int.flatten(), lengths.flatten())) + EPS
+        """rho = min(1, max(s_out, 1) / s_int), sample stds over every policy token of the batch."""
+        one_group = torch.zeros(a_int.numel(), dtype=torch.long, device=a_int.device)
+        s_out = ops.group_weighted_mean_std(a_out, lengths.sum(1), one_group[: a_out.numel()], 1)[1] + EPS
+        s_int = ops.group_weighted_mean_std(a_int.flatten(), lengths.flatten(), one_group, 1)[1] + EPS
         return min(1.0, max(float(s_out), BASELINE_STD) / float(s_int))

@@ -51,5 +51,5 @@ class MatchTIR(BaseEstimator):
         x = torch.where(valid, returns, torch.full_like(returns, torch.nan)).flatten()
         a_turn = ops.group_zscore(x, pool.flatten(), num_groups * k, ddof=1, eps=EPS).view(n, k)  # one rollout: 0
         adv = torch.where(valid, 0.5 * (a_traj[:, None] + a_turn), torch.zeros_like(returns))  # (N, K)
-        return AdvantageOutput(adv, metrics={"abs_mean": adv.abs().mean().item(),
-                                             "turn_reward_mean": own[valid].mean().item() if bool(valid.any()) else 0.0})
+        mean_reward = own[valid].mean().item() if bool(valid.any()) else 0.0
+        return AdvantageOutput(adv, metrics={"abs_mean": adv.abs().mean().item(), "turn_reward_mean": mean_reward})

@@ -31,9 +31,7 @@ class OPMD(BaseEstimator):
     name = "opmd"
 
     def __init__(self, tau: float = 0.1):
-        if not tau >= 0:
-            raise ValueError(f"tau={tau!r} must be >= 0 (weight of the squared log-ratio term; default 0.1)")
-        self.tau = float(tau)
+        self.tau = self._non_negative("tau", tau, "weight of the squared log-ratio term; default 0.1")
 
     def __call__(self, batch: AdvantageBatch) -> AdvantageOutput:
         adv = mean_centered(batch.rewards, batch.group_ids)  # (N,)
