@@ -215,8 +215,8 @@ def test_hermes_parser_on_sampled_real_outputs(real_tokenizer, real_model):
 
 # ------------------------------------------------------------------ retokenization drift
 def test_retokenization_drift_is_measured(real_tokenizer, real_model):
-    """The figure in docs/benchmarks.md comes from bench/retokenization.py (200 completions); here a small sample,
-    and the measurement itself on a known case."""
+    """bench/retokenization.py measures the figure (200 completions); here the measurement on a known case, and a
+    small sample."""
     from rlfw.fidelity import retokenization_drift, sample_completions
     from rlfw.rollout import HFBackend
 
