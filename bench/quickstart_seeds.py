@@ -125,9 +125,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU cores to fill")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: report the runs already in outputs/bench/quickstart/ (e.g. after a stop)")
     parser.add_argument("quickstart_args", nargs="*", help="passed on to recipes/quickstart.py (after --)")
     args = parser.parse_args()
-    results = run_all(args.seeds, args.threads, args.workers, args.quickstart_args)
+    if args.collect:
+        results = sorted((json.loads(p.read_text()) for p in OUT.glob("s*_t*/results.json")),
+                         key=lambda r: (int(r["threads"]), r["seed"]))
+        for r in results:
+            r.setdefault("wall_s", r["timings"]["total"])
+    else:
+        results = run_all(args.seeds, args.threads, args.workers, args.quickstart_args)
     (OUT / "all.json").write_text(json.dumps(results, indent=1))
     text = table(results) + "\n\n" + summary(results)
     print(text)
