@@ -224,7 +224,7 @@ def test_retokenization_drift_is_measured(real_tokenizer, real_model):
     odd = letters(tok, "Milo") + [tok.eos_token_id]
     report = retokenization_drift(tok, [odd, tok.encode("Milo", add_special_tokens=False)])
     assert (report.completions, report.changed, len(report.examples)) == (2, 1, 1)
-    assert report.examples[0][0] == ["M", "i", "l"]  # the sampled tokens from the first difference on
+    assert report.examples[0][0] == ["M", "i", "l", "o"]  # sampled tokens around the first difference ("i" vs "ilo")
     torch.manual_seed(0)
     backend = HFBackend(real_model, tok)  # TRL's sampling: temperature 1, top_k 0
     prompts = []
