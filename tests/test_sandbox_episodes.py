@@ -111,8 +111,8 @@ def test_eight_concurrent_hostile_episodes_cannot_affect_each_other():
                 # On an overloaded machine a call may also reach its wall clock; its output is still its own.
                 assert out in (f"episode {i} call {k}", f"episode {i} call {k}\n[stopped: timeout]"), (i, outputs[i])
             assert rewards[i] == 1.0
-        else:  # a forger may spoil its own output; it scores as the failure it is
-            assert outputs[i][0].startswith("forger started"), outputs[i]
+        else:  # a forger may spoil its own output (or, on an overloaded machine, reach its wall clock)
+            assert outputs[i][0].startswith(("forger started", "[stopped: timeout]")), outputs[i]
             assert rewards[i] == 0.0
 
 
