@@ -1,4 +1,5 @@
-"""Unit tests of the advantage estimators: every worked example of ALGORITHMS.md plus invariants."""
+"""Unit tests of the advantage estimators: the worked examples of docs/estimators.md for the first eight, plus the
+invariants all of them meet (the other five's examples: test_estimator_examples.py)."""
 
 from __future__ import annotations
 
