@@ -418,7 +418,9 @@ def test_a_byte_by_byte_flood_costs_the_parent_little_cpu():
                    SandboxLimits(wall_seconds=2, cpu_seconds=2, max_output_bytes=10**9))
     after = resource.getrusage(resource.RUSAGE_SELF)
     parent_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    assert result.killed_reason in ("timeout", "cpu_limit") and parent_cpu < 1.0, (result.killed_reason, parent_cpu)
+    # A parent that spins on the pipes would burn the whole 2 s wall; reading in blocks stays well below even on a
+    # loaded machine (1.2 s measured with 4 other jobs on 2 cores).
+    assert result.killed_reason in ("timeout", "cpu_limit") and parent_cpu < 1.6, (result.killed_reason, parent_cpu)
 
 
 def test_no_descriptor_thread_or_child_leaks_in_the_parent():
