@@ -1,10 +1,11 @@
 """Retokenization drift on the real model: the share of sampled completions whose token ids change under decode +
 re-encode (what a text-based multi-turn loop would train on instead of what was sampled).
 
-    OMP_NUM_THREADS=1 python bench/retokenization.py [--completions 200 --max-new-tokens 48 --no-write]
+    OMP_NUM_THREADS=1 python bench/retokenization.py [--completions 200 --max-new-tokens 48 --tools --no-write]
 
-SmolLM2-135M-Instruct (``make real-model``) with rlfw's Hermes template, calculator prompts with the tools in the
-system message, sampled as TRL trains (temperature 1, top_k 0, top_p 1). Appends the figure to docs/benchmarks.md.
+SmolLM2-135M-Instruct (``make real-model``) with rlfw's Hermes template on calculator prompts (``--tools``: with the
+tool schemas in the system message, a 4x longer prompt), sampled as TRL trains (temperature 1, top_k 0, top_p 1).
+Appends the figure to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tools", action="store_true", help="list the calculator tool in the system message")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -40,7 +42,7 @@ def main() -> None:
     path = ensure_real_model(ROOT / REAL_MODEL_DIR, ROOT / "assets/gguf")
     tokenizer = load_tokenizer(path, chat_template="hermes")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tools = [get_json_schema(f) for f in environment_tools(ENVIRONMENT()).values()]
+    tools = [get_json_schema(f) for f in environment_tools(ENVIRONMENT()).values()] if args.tools else None
     rows = build_dataset(args.completions, seed=args.seed)
     prompts = []
     for prompt in rows["prompt"]:
@@ -54,8 +56,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     report = retokenization_drift(tokenizer, completions, backend.eos_ids)
     kinds = Counter(f"`{'|'.join(a)}` -> `{'|'.join(b)}`" for a, b in report.examples)
-    lines = [f"Machine: {machine()}. {report.completions} completions of at most {args.max_new_tokens} tokens, "
-             f"sampled in {seconds:.0f} s.", "",
+    lines = [f"Machine: {machine()}. {report.completions} completions of at most {args.max_new_tokens} tokens "
+             f"({'tools listed' if args.tools else 'no tools listed'}), sampled in {seconds:.0f} s.", "",
              f"**{report.changed} of {report.completions} completions ({100 * report.fraction:.1f} %) change their "
              "token ids under decode + re-encode**; rlfw's engine trains on the sampled ids themselves "
              "(tests/test_real_model.py: policy ids exactly as sampled, env ids exactly as the template renders).",
