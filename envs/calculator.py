@@ -139,8 +139,10 @@ def make_problem(rng: random.Random, num_ops: int, max_operand: int = 12) -> dic
             "num_ops": num_ops}
 
 
-def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int, max_operand: int = 12
-              ) -> list[dict[str, Any]]:
+def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int, max_operand: int = 12,
+              style: str = "word") -> list[dict[str, Any]]:
+    """``n`` distinct problems of ``split``, told apart and split by the question the model sees in ``style``: one
+    expression asked in two stories is one problem in the expression style, so it never lands in both splits."""
     check_split(split)
     rng = random.Random(f"calculator-{seed}-{split}")
     problems, seen = [], set()
@@ -148,8 +150,9 @@ def _problems(n: int, seed: int, split: str, min_ops: int, max_ops: int, max_ope
         if len(problems) == n:
             return problems
         problem = make_problem(rng, rng.randint(min_ops, max_ops), max_operand)
-        if problem["question"] not in seen and split_of(problem["question"]) == split:
-            seen.add(problem["question"])
+        key = _question(problem, style)
+        if key not in seen and split_of(key) == split:
+            seen.add(key)
             problems.append(problem)
     raise ValueError(f"could not generate {n} distinct {split} problems; lower n or widen min_ops/max_ops")
 
@@ -173,7 +176,7 @@ def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1,
     ``style="expression"`` asks for the bare expression ("Compute 13 + 4 * 2.") instead of a word problem;
     ``max_operand`` bounds the operands (the starting value is at most three times that).
     """
-    rows = _problems(n, seed, split, min_ops, max_ops, max_operand)
+    rows = _problems(n, seed, split, min_ops, max_ops, max_operand, style)
     return Dataset.from_list([
         {"prompt": conversation(SYSTEM_PROMPT, _question(p, style)), "answer": p["answer"], "expression": p["expression"],
          "num_ops": p["num_ops"]}
@@ -204,7 +207,7 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
     rng = random.Random(f"calculator-traces-{seed}")
     direct_answer = {"role": "assistant", "content": ""}
     executor = ToolExecutor()
-    for p in _problems(n, seed, split, min_ops, max_ops, max_operand):
+    for p in _problems(n, seed, split, min_ops, max_ops, max_operand, style):
         guessed = re.match(r"\(*(\d+)", p["expression"]).group(1) if guess_answers else p["answer"]
         guess = {**direct_answer, "content": ANSWER_FORMAT.format(guessed)}
         if rng.random() < direct_fraction:

@@ -23,7 +23,7 @@ import yaml
 # The warm start: SFT on traces of an imperfect demonstrator (see the module docstring).
 # Its tool-less answers are guesses (see envs.calculator.synthetic_traces): answers it "knew" would teach the warm
 # start to answer without the tool, a path that competes with the tool's and made RL abandon the tool on some machines.
-SFT_DEFAULTS = {"examples": 4000, "epochs": 4.0, "learning_rate": 2e-3,
+SFT_DEFAULTS = {"examples": 2400, "epochs": 2.0, "learning_rate": 2e-3, "batch_size": 8,
                 "task_kwargs": {"style": "expression", "max_ops": 2, "direct_fraction": 0.4, "bad_call_fraction": 0.4,
                                 "guess_answers": True}}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -184,7 +184,7 @@ def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: d
     if warm_start is None:
         print(f"[1/4] supervised warm-start of {assets} on {config['dataset']} traces", flush=True)
         run_sft(str(assets), config["dataset"], sft_dir, sft["examples"], sft["epochs"], sft["learning_rate"],
-                seed=seed, task_kwargs=sft["task_kwargs"])
+                seed=seed, task_kwargs=sft["task_kwargs"], batch_size=sft["batch_size"])
     timings["sft"] = time.time() - t0
     print("[2/4] evaluating the warm-started model on held-out prompts", flush=True)
     before = evaluate(sft_dir, config, eval_size)
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--sft-examples", type=int, default=SFT_DEFAULTS["examples"])
     parser.add_argument("--sft-epochs", type=float, default=SFT_DEFAULTS["epochs"])
     parser.add_argument("--sft-learning-rate", type=float, default=SFT_DEFAULTS["learning_rate"])
+    parser.add_argument("--sft-batch-size", type=int, default=SFT_DEFAULTS["batch_size"])
     parser.add_argument("--sft-task-kwargs", help="JSON options of the task's synthetic_traces",
                         default=json.dumps(SFT_DEFAULTS["task_kwargs"]))
     parser.add_argument("--rl-args", default="", help="extra flags for recipes/train.py, e.g. '--max_steps 50'")
@@ -238,7 +239,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sft = {"examples": args.sft_examples, "epochs": args.sft_epochs, "learning_rate": args.sft_learning_rate,
-           "task_kwargs": json.loads(args.sft_task_kwargs)}
+           "batch_size": args.sft_batch_size, "task_kwargs": json.loads(args.sft_task_kwargs)}
     run(args.config, Path(args.out), args.seed, args.eval_size, sft, args.rl_args.split())
 
 
