@@ -268,3 +268,11 @@ def test_calculator_imperfect_demonstrator():
     assert 60 <= kinds["direct"] <= 100 and 40 <= kinds["bad"] <= 80 and 40 <= kinds["good"] <= 80
     with pytest.raises(ValueError, match="bad_call_fraction"):
         calculator.synthetic_traces(2, bad_call_fraction=1.5)
+
+
+def test_calculator_expression_style_splits_by_what_the_model_sees():
+    """In the expression style one expression can come from many stories; it must still sit in one split only."""
+    seen = {split: {row["prompt"][1]["content"] for row in calculator.build_dataset(
+        150, seed=0, split=split, style="expression", max_ops=1)} for split in ("train", "test")}
+    assert len(seen["train"]) == len(seen["test"]) == 150  # distinct questions, not distinct stories
+    assert not seen["train"] & seen["test"]
