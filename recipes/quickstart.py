@@ -23,7 +23,7 @@ import yaml
 # The warm start: SFT on traces of an imperfect demonstrator (see the module docstring).
 # Its tool-less answers are guesses (see envs.calculator.synthetic_traces): answers it "knew" would teach the warm
 # start to answer without the tool, a path that competes with the tool's and made RL abandon the tool on some machines.
-SFT_DEFAULTS = {"examples": 2400, "epochs": 2.0, "learning_rate": 2e-3, "batch_size": 8,
+SFT_DEFAULTS = {"examples": 2400, "epochs": 4.0, "learning_rate": 2e-3, "batch_size": 8,
                 "task_kwargs": {"style": "expression", "max_ops": 2, "direct_fraction": 0.4, "bad_call_fraction": 0.4,
                                 "guess_answers": True}}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
