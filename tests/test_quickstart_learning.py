@@ -3,7 +3,7 @@ raises held-out sampled accuracy by a margin on each.
 
 Same code path as the demo (recipes/quickstart.py's ``run``: SFT warm start from the imperfect demonstrator, held-out
 evaluation through the rollout engine, GRPO through RLTrainer on the environment's outcome reward, evaluation again),
-with one shared warm start (the recipe's own, 600 SFT steps, about 2.5 minutes on 2 cores), half the RL problems per
+with one shared warm start (the recipe's own, 1200 SFT steps, about 5 minutes on 2 cores), half the RL problems per
 step and fewer held-out problems. The full recipe over seeds and thread counts is ``bench/quickstart_seeds.py``.
 """
 
