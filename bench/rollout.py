@@ -29,8 +29,14 @@ sys.path.insert(0, str(ROOT))
 from rlfw.assets import build_assets, load_tokenizer  # noqa: E402
 from rlfw.rollout import make_rollout_func  # noqa: E402
 
-CALL = '<call>{"name": "echo", "arguments": {"text": "hi"}}</call><|end|>'
-ANSWER = "The answer is <answer>4</answer><|end|>"
+# The forced turns in each template's markup: tool call, answer, the start of an assistant turn, the start of a tool
+# result. "hermes" for ChatML/Hermes templates (rlfw's `chat_template: hermes`), "rlfw" for the local assets'.
+MARKUP = {
+    "rlfw": ('<call>{"name": "echo", "arguments": {"text": "hi"}}</call><|end|>',
+             "The answer is <answer>4</answer><|end|>", "<|assistant|>", "<|tool|>"),
+    "hermes": ('<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}}\n</tool_call><|im_end|>',
+               "The answer is <answer>4</answer><|im_end|>", "<|im_start|>assistant\n", "<tool_response>"),
+}
 
 
 class BenchEnv:
@@ -51,25 +57,30 @@ class BenchEnv:
         return 1.0
 
 
+def _starts(row: list[int], marker: list[int]) -> list[int]:
+    """Positions where ``marker`` occurs in ``row``."""
+    n = len(marker)
+    return [i for i in range(len(row) - n + 1) if row[i: i + n] == marker]
+
+
 class ForceTurns(LogitsProcessor):
     """Per row: a tool call in turns 0..K-2 and the answer in turn K-1 (turn index = number of tool results so far)."""
 
     def __init__(self, tokenizer, num_turns: int):
-        self.call = tokenizer.encode(CALL, add_special_tokens=False)
-        self.answer = tokenizer.encode(ANSWER, add_special_tokens=False)
-        self.tool = tokenizer.convert_tokens_to_ids("<|tool|>")
-        self.assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        markup = MARKUP["hermes" if "<tool_call>" in (tokenizer.chat_template or "") else "rlfw"]
+        self.call, self.answer, self.assistant, self.tool = (tokenizer.encode(text, add_special_tokens=False)
+                                                             for text in markup)
         self.eos, self.num_turns = tokenizer.eos_token_id, num_turns
 
     def __call__(self, input_ids, scores):
         forced = torch.full_like(scores, float("-inf"))
         for b, row in enumerate(input_ids.tolist()):
-            last = len(row) - 1 - row[::-1].index(self.assistant)
-            pos = len(row) - last - 1
+            last = _starts(row, self.assistant)[-1] + len(self.assistant)  # first token of the current turn
+            pos = len(row) - last
             if self.eos in row[last:]:  # this row already ended its turn: padding follows
                 forced[b, self.eos] = 0.0
                 continue
-            target = self.call if row.count(self.tool) < self.num_turns - 1 else self.answer
+            target = self.call if len(_starts(row, self.tool)) < self.num_turns - 1 else self.answer
             forced[b, target[pos] if pos < len(target) else self.eos] = 0.0
         return forced
 

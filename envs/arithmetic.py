@@ -7,13 +7,15 @@ teaches it the rewarded answer format.
 from __future__ import annotations
 
 import random
+import re
 
 from datasets import Dataset
 
-from rlfw.rewards import exact_match
+from rlfw.rewards import answers_match, completion_text, exact_match, final_answer
 
 SYSTEM = "Answer with the result in <answer></answer>."
 REWARD_FUNCS = [exact_match]
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
@@ -42,11 +44,11 @@ def _problems(n: int, seed: int, split: str, max_operand: int, distinct: bool = 
                      f"{len(out)}; raise max_operand or lower n.")
 
 
-def build_dataset(n: int, seed: int = 0, split: str = "train", max_operand: int = 20) -> Dataset:
-    """Columns: prompt (chat messages), answer (string)."""
+def build_dataset(n: int, seed: int = 0, split: str = "train", max_operand: int = 20, system: str = SYSTEM) -> Dataset:
+    """Columns: prompt (chat messages), answer (string). ``system`` is the system message (the instruction)."""
     rows = _problems(n, seed, split, max_operand)
     return Dataset.from_dict({
-        "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in rows],
+        "prompt": [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q, _ in rows],
         "answer": [str(a) for _, a in rows],
     })
 
@@ -64,3 +66,26 @@ def synthetic_traces(n: int, seed: int = 0, max_operand: int = 20, untagged_frac
         "prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q, _ in rows],
         "completion": [[{"role": "assistant", "content": a}] for a in answers],
     })
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text``; None when there is none."""
+    found = NUMBER_RE.findall(text)
+    return found[-1] if found else None
+
+
+def partial_credit(completions: list, answer: list, **kwargs) -> list[float]:
+    """1.0 for the right result in ``<answer>`` tags; 0.5 for a reply without tags whose last number is the right
+    result (right, but not in the asked-for format); 0.0 otherwise (a wrong tagged answer included).
+
+    For a pretrained chat model that computes but ignores the format: the half credit gives RL a signal from the
+    first step, the full credit rewards the format once the policy samples it.
+    """
+    scores = []
+    for completion, gold in zip(completions, answer, strict=True):
+        tagged = final_answer(completion)
+        if tagged is not None:
+            scores.append(float(answers_match(tagged, gold)))
+        else:
+            scores.append(0.5 * answers_match(last_number(completion_text(completion)), gold))
+    return scores

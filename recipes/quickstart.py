@@ -33,18 +33,20 @@ def evaluate(model_dir: str, config: dict, n: int) -> dict[str, dict[str, float]
     """Held-out metrics of the model: greedy, and (for a tool environment) sampled exactly as training samples.
 
     Multi-turn through the rollout engine when the config names an environment. Sampling uses the config's settings
-    (TRL's defaults where it has none) and is seeded, so before and after RL see the same random stream.
+    (TRL's defaults where it has none) and is seeded, so before and after RL see the same random stream. The
+    config's ``chat_template`` (if any) replaces the model's, as in training.
     """
     import importlib
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from rlfw.assets import load_tokenizer
     from rlfw.evaluation import evaluate_model
     from rlfw.rewards import load_reward_func
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.get("chat_template"))
     task = importlib.import_module(config["dataset"])
     dataset = task.build_dataset(n, seed=config.get("dataset_seed", 0), split="test",
                                  **config.get("dataset_kwargs", {}))
@@ -54,13 +56,12 @@ def evaluate(model_dir: str, config: dict, n: int) -> dict[str, dict[str, float]
     common = dict(environment=environment, max_turns=config.get("max_turns", 4),
                   max_new_tokens=config.get("max_completion_length", 64))
     results = {"greedy": evaluate_model(model, tokenizer, dataset, reward, **common)}
-    if environment is not None:
-        from rlfw.rollout.backends import sampling_defaults
+    from rlfw.rollout.backends import sampling_defaults
 
-        sampling = {**sampling_defaults(), **{k: config[k] for k in SAMPLING_KEYS if k in config}}
-        torch.manual_seed(0)
-        results[f"sampled (T={sampling['temperature']:g})"] = evaluate_model(
-            model, tokenizer, dataset, reward, temperature=sampling["temperature"], sampling=sampling, **common)
+    sampling = {**sampling_defaults(), **{k: config[k] for k in SAMPLING_KEYS if k in config}}
+    torch.manual_seed(0)
+    results[f"sampled (T={sampling['temperature']:g})"] = evaluate_model(
+        model, tokenizer, dataset, reward, temperature=sampling["temperature"], sampling=sampling, **common)
     return results
 
 
@@ -104,11 +105,12 @@ def reward_curve(curves: dict[str, list[tuple[int, float]]], path: Path) -> None
 METRICS = {"accuracy": "accuracy", "tool_calls_per_episode": "tool calls per episode",
            "valid_tool_call_rate": "valid fraction of calls", "tool_use_rate": "tool-use rate (episodes with a call)",
            "accuracy_with_tool": "accuracy of episodes with a call",
-           "accuracy_without_tool": "accuracy of episodes without a call", "tagged_answer_rate": "tagged-answer rate"}
+           "accuracy_without_tool": "accuracy of episodes without a call", "tagged_answer_rate": "tagged-answer rate",
+           "exact_match": "exact match (right result in tags)"}
 
 
-def results_table(before: dict, after: dict) -> list[str]:
-    lines = ["| decoding | metric | before RL (after SFT) | after RL |", "|---|---|---|---|"]
+def results_table(before: dict, after: dict, start: str = "before RL (after SFT)") -> list[str]:
+    lines = [f"| decoding | metric | {start} | after RL |", "|---|---|---|---|"]
     for decoding, metrics in before.items():
         for key, label in METRICS.items():
             if key in metrics:
@@ -139,7 +141,7 @@ def verdict(before: dict, after: dict, curves: dict) -> list[str]:
 
 
 def write_report(out: Path, config_path: str, seed: int, before: dict, after: dict, curves: dict,
-                 timings: dict) -> None:
+                 timings: dict, start: str = "before RL (after SFT)") -> None:
     rewards = [v for _, v in curves["reward"]]
     n = next(iter(before.values()))["n"]
     lines = [
@@ -150,7 +152,7 @@ def write_report(out: Path, config_path: str, seed: int, before: dict, after: di
         "",
         *verdict(before, after, curves),
         "",
-        *results_table(before, after),
+        *results_table(before, after, start),
         "",
         f"Training reward: mean of the first 3 logged steps {_mean(rewards[:3]):.3f}, of the last 3 "
         f"{_mean(rewards[-3:]):.3f}.",
@@ -164,12 +166,14 @@ def write_report(out: Path, config_path: str, seed: int, before: dict, after: di
 
 
 def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: dict | None = None,
-        rl_args: list[str] | None = None, launch: bool = True, warm_start: str | None = None) -> dict:
+        rl_args: list[str] | None = None, launch: bool = True, warm_start: str | None = None,
+        no_sft: bool = False) -> dict:
     """The whole quickstart: SFT warm start, held-out evaluation, RL, evaluation again, report.
 
     ``sft`` overrides SFT_DEFAULTS; ``rl_args`` are extra flags of recipes/train.py; ``launch`` False trains in this
     process instead of through ``accelerate launch`` (the tests do, to save a process start); ``warm_start``, an
-    SFT output directory, skips the SFT. Returns what results.json holds.
+    SFT output directory, skips the SFT; ``no_sft`` starts RL from the config's own ``model_name_or_path`` (a
+    pretrained model that needs no warm start). Returns what results.json holds.
     """
     from sft import run_sft  # sibling script (recipes/ is on sys.path)
 
@@ -179,16 +183,21 @@ def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: d
     config = yaml.safe_load(Path(config_path).read_text())
     out.mkdir(parents=True, exist_ok=True)
     timings, t0 = {}, time.time()
-    assets = ensure_assets("assets/small", seed=0, preset="small")
+    start = "before RL" if no_sft else "before RL (after SFT)"
+    if no_sft:
+        warm_start = config["model_name_or_path"]
+        print(f"[1/4] no warm start: RL starts from {warm_start}", flush=True)
     sft_dir = warm_start or str(out / "sft")
     if warm_start is None:
+        assets = ensure_assets("assets/small", seed=0, preset="small")
         print(f"[1/4] supervised warm-start of {assets} on {config['dataset']} traces", flush=True)
         run_sft(str(assets), config["dataset"], sft_dir, sft["examples"], sft["epochs"], sft["learning_rate"],
                 seed=seed, task_kwargs=sft["task_kwargs"], batch_size=sft["batch_size"])
     timings["sft"] = time.time() - t0
-    print("[2/4] evaluating the warm-started model on held-out prompts", flush=True)
+    print(f"[2/4] evaluating {sft_dir} on held-out prompts", flush=True)
     before = evaluate(sft_dir, config, eval_size)
-    print("\n".join(results_table(before, before)).replace("after RL", "(same)"), flush=True)
+    timings["evaluation before"] = time.time() - t0 - timings["sft"]
+    print("\n".join(results_table(before, before, start)).replace("after RL", "(same)"), flush=True)
     rl_dir = str(out / "rl")
     train_args = ["--config", config_path, "--model_name_or_path", sft_dir, "--output_dir", rl_dir,
                   "--seed", str(seed), *(rl_args or [])]
@@ -204,13 +213,15 @@ def run(config_path: str, out: Path, seed: int = 0, eval_size: int = 150, sft: d
         train(train_args)
     timings["rl"] = time.time() - t1
     print("[4/4] evaluating the RL-trained model", flush=True)
+    t2 = time.time()
     after = evaluate(rl_dir, config, eval_size)
-    print("\n".join(results_table(before, after)), flush=True)
+    timings["evaluation after"] = time.time() - t2
+    print("\n".join(results_table(before, after, start)), flush=True)
     history = json.loads((Path(rl_dir) / "trainer_state.json").read_text())["log_history"]
     curves = training_curves(history)
     reward_curve(curves, out / "reward_curve.png")
     timings["total"] = time.time() - t0
-    write_report(out, config_path, seed, before, after, curves, timings)
+    write_report(out, config_path, seed, before, after, curves, timings, start)
     results = {"seed": seed, "threads": os.environ.get("OMP_NUM_THREADS", "?"), "before": before, "after": after,
                "curves": curves, "timings": timings}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -232,6 +243,8 @@ def main() -> None:
     parser.add_argument("--sft-batch-size", type=int, default=SFT_DEFAULTS["batch_size"])
     parser.add_argument("--sft-task-kwargs", help="JSON options of the task's synthetic_traces",
                         default=json.dumps(SFT_DEFAULTS["task_kwargs"]))
+    parser.add_argument("--no-sft", action="store_true",
+                        help="no warm start: RL starts from the config's model_name_or_path (a pretrained model)")
     parser.add_argument("--rl-args", default="", help="extra flags for recipes/train.py, e.g. '--max_steps 50'")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -240,7 +253,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sft = {"examples": args.sft_examples, "epochs": args.sft_epochs, "learning_rate": args.sft_learning_rate,
            "batch_size": args.sft_batch_size, "task_kwargs": json.loads(args.sft_task_kwargs)}
-    run(args.config, Path(args.out), args.seed, args.eval_size, sft, args.rl_args.split())
+    run(args.config, Path(args.out), args.seed, args.eval_size, sft, args.rl_args.split(), no_sft=args.no_sft)
 
 
 if __name__ == "__main__":

@@ -173,16 +173,20 @@ def _score_unique(per_rollout: Sequence[Sequence[tuple[tuple[int, ...], Probe]]]
 def answer_logprobs(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                     round_prefix_lens: Sequence[Sequence[int]], probes: Sequence[Probe], logprobs_fn: LogProbFn, *,
                     batch_size: int, pad_token_id: int, num_chunks_fn: Callable[[int], int] | None = None,
-                    ) -> list[list[float]]:
+                    probed: Sequence[bool] | None = None) -> list[list[float]]:
     """Per rollout, ``answer_logprobs`` for t = 0..T_i-1 (T_i = len(round_prefix_lens[i])).
 
-    Identical (context, probe) pairs are computed once: a prompt's t = 0 prior is shared by its rollouts.
+    Identical (context, probe) pairs are computed once: a prompt's t = 0 prior is shared by its rollouts. Rollouts
+    with ``probed`` False run no forward and get NaN for every round.
     """
-    pairs = [[(context, probe) for context in round_contexts(prompt, completion, lens)]
-             for prompt, completion, lens, probe in zip(prompt_ids, completion_ids, round_prefix_lens, probes,
-                                                        strict=True)]
-    return _score_unique(pairs, logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
-                         num_chunks_fn=num_chunks_fn)
+    wanted = [True] * len(prompt_ids) if probed is None else list(probed)
+    pairs = [[(context, probe) for context in round_contexts(prompt, completion, lens)] if want else []
+             for prompt, completion, lens, probe, want in zip(prompt_ids, completion_ids, round_prefix_lens, probes,
+                                                              wanted, strict=True)]
+    scored = _score_unique(pairs, logprobs_fn, batch_size=batch_size, pad_token_id=pad_token_id,
+                           num_chunks_fn=num_chunks_fn)
+    return [values if want else [math.nan] * len(lens)
+            for values, want, lens in zip(scored, wanted, round_prefix_lens, strict=True)]
 
 
 def placeholder_ids(tokenizer: Any) -> tuple[int, ...]:

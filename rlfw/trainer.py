@@ -150,14 +150,21 @@ class RLTrainer(GRPOTrainer):
         return output
 
     def answer_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
-        """IGPO's answer_logprobs of this process's rows (see rlfw.probes): current policy, no grad, batched."""
+        """IGPO's answer_logprobs of this process's rows (see rlfw.probes): current policy, no grad, batched.
+
+        Only rollouts whose gains count are probed: a truncated rollout falls back to its outcome, and a single-turn
+        one has no turn followed by a tool result; both get NaN without a forward.
+        """
         prompt_ids = self._local_prompt_ids(output)
         round_prefix_lens = [row["round_prefix_lens"] for row in inputs]
+        probed = [not row.get("truncated", False) and len(row["round_prefix_lens"]) >= 2 for row in inputs]
         rollout_probes = probes.rollout_probes(self._tokenizer, inputs, self.environments)
+        self._metrics["train"][f"advantages/{self.estimator.name}/probed_frac"].append(
+            sum(probed) / max(len(probed), 1))
         return self._timed_probes(lambda: probes.answer_logprobs(
             prompt_ids, output["completion_ids"].tolist(), round_prefix_lens, rollout_probes, self._probe_logprobs,
             batch_size=self.args.per_device_train_batch_size, pad_token_id=self._tokenizer.pad_token_id,
-            num_chunks_fn=self._max_over_processes))
+            num_chunks_fn=self._max_over_processes, probed=probed))
 
     def info_gain_probes(self, inputs: list[dict], output: dict) -> list[list[float]]:
         """InfoPO's info_gain of this process's rows (see rlfw.probes): current policy, no grad, batched."""

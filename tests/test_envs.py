@@ -244,6 +244,16 @@ def test_python_tool_output_and_pop_turn_reward():
     assert env._record_final_answer("I give up") is False and env.get_reward() == 0.0
 
 
+def test_arithmetic_partial_credit():
+    from envs.arithmetic import build_dataset, partial_credit
+
+    replies = ["<answer>7</answer>", "3 + 4 = 7.", "3 + 4 = 7, or 8", "<answer>8</answer> (7)", "seven", ""]
+    assert partial_credit([[{"role": "assistant", "content": r}] for r in replies], ["7"] * 6) == \
+        [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    system = build_dataset(2, system="Be brief.")[0]["prompt"][0]
+    assert system == {"role": "system", "content": "Be brief."}
+
+
 def test_calculator_imperfect_demonstrator():
     """The quickstart's SFT traces: direct answers, and bad calls whose observation is the engine's own error."""
     ds = calculator.synthetic_traces(200, seed=0, style="expression", max_ops=2, direct_fraction=0.4,

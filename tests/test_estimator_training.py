@@ -82,11 +82,16 @@ def _median_drops_pivots(trainer, logs):
 
 def _igpo_probes(trainer, logs):
     assert all(entry["advantages/igpo/probe_seconds"] > 0 for entry in logs)
+    fractions = []
     for batch, _ in trainer.estimator.calls:
         logp = batch.answer_logprobs  # (N, K)
-        exists = torch.arange(logp.size(1))[None, :] < batch.num_turns[:, None]
+        probed = (batch.num_turns > 1) & ~batch.truncated  # (N,) rollouts whose gains count
+        fractions.append(probed.float().mean().item())
+        exists = (torch.arange(logp.size(1))[None, :] < batch.num_turns[:, None]) & probed[:, None]
         assert torch.equal(~torch.isnan(logp), exists) and (logp[exists] < 0).all()
-        assert ((batch.num_turns > 1) & ~batch.truncated).any(), "no rollout with an information gain"
+        assert probed.any(), "no rollout with an information gain"
+    assert [entry["advantages/igpo/probed_frac"] for entry in logs] == pytest.approx(fractions)  # one batch a step
+    assert all(entry["advantages/igpo/gain_rollout_frac"] > 0 for entry in logs)
 
 
 def _infopo_gains(trainer, logs):
@@ -147,12 +152,14 @@ class ProbeCheckingTrainer(ConfigRunTrainer):
 def test_igpo_probes_equal_unbatched_forwards(tmp_path, tiny_assets):
     trainer = config_run(tiny_assets, "igpo", tmp_path / "out", trainer_cls=ProbeCheckingTrainer, max_steps=1)
     checks = trainer.probe_checks
-    assert len(checks) == int(trainer.estimator.calls[0][0].num_turns.sum()) and any(t > 0 for _, t, _, _ in checks)
-    for _, _, batched, reference in checks:
-        assert batched == pytest.approx(reference, abs=1e-4)
+    batch = trainer.estimator.calls[0][0]
+    probed = ((batch.num_turns > 1) & ~batch.truncated).tolist()  # the others run no probe forward: NaN
+    assert len(checks) == int(batch.num_turns.sum()) and any(t > 0 and probed[row] for row, t, _, _ in checks)
+    for row, _, batched, reference in checks:
+        assert batched == pytest.approx(reference, abs=1e-4) if probed[row] else math.isnan(batched)
     priors = {}
     for row, t, batched, _ in checks:
-        if t == 0:  # a prompt's prior is shared by its G rollouts (computed once)
+        if t == 0 and probed[row]:  # a prompt's prior is shared by its G rollouts (computed once)
             priors.setdefault(row // 4, set()).add(batched)
     assert all(len(values) == 1 for values in priors.values())
 
@@ -183,6 +190,18 @@ def test_answer_logprobs_batches_dedupes_and_averages_answer_tokens():
     assert forwarded == [[[1, 2, 3, 4, 90, 10, 20], [1, 2, 90, 10, 20]], [[5, 6, 30], [5, 30]]]
     assert [keep for _, _, keep in fn.calls] == [2, 1]  # logits only for the chunk's longest answer
     assert all((masks[:, -1] == 1).all() for _, masks, _ in fn.calls), "left-padded: rows end with their answer"
+
+
+def test_answer_logprobs_skips_rollouts_not_probed():
+    fn = TokenIdLogProbs()
+    probe = probes.Probe((4,), 1)
+    values = probes.answer_logprobs(
+        prompt_ids=[[1], [2], [3]], completion_ids=[[5, 6], [7, 8], [9]], round_prefix_lens=[[0, 1], [0, 1], [0]],
+        probes=[probe] * 3, logprobs_fn=fn, batch_size=8, pad_token_id=0, probed=[True, False, False])
+    assert values[0] == [4.0, 4.0] and all(math.isnan(v) for row in values[1:] for v in row)
+    assert [len(row) for row in values] == [2, 2, 1]
+    forwarded = [row[mask.bool()].tolist() for ids, masks, _ in fn.calls for row, mask in zip(ids, masks, strict=True)]
+    assert forwarded == [[1, 5, 4], [1, 4]]  # the skipped rollouts' contexts never reach the model
 
 
 def test_answer_logprobs_runs_in_lockstep_and_nan_for_empty_answers():

@@ -7,7 +7,7 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from envs import calculator
+from envs import arithmetic, calculator
 from rlfw.evaluation import evaluate_model
 
 
@@ -31,3 +31,35 @@ def test_multi_turn_evaluation_greedy_and_sampled(tiny_assets, tokenizer):
         assert metrics["n"] == 6
         assert set(metrics) >= {"accuracy", "valid_tool_call_rate", "tool_use_rate", "tool_calls_per_episode"}
         assert 0.0 <= metrics["tool_use_rate"] <= 1.0 and 1.0 <= metrics["turns_per_episode"] <= 2.0
+
+
+def test_single_turn_evaluation_greedy_and_sampled_with_exact_match(tiny_assets, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets)
+    dataset = arithmetic.build_dataset(6, seed=0, split="test")
+    reward = arithmetic.partial_credit
+    greedy = evaluate_model(model, tokenizer, dataset, reward, max_new_tokens=8)
+    assert greedy == evaluate_model(model, tokenizer, dataset, reward, max_new_tokens=8)
+    torch.manual_seed(0)
+    sampled = evaluate_model(model, tokenizer, dataset, reward, temperature=1.0, max_new_tokens=8)
+    torch.manual_seed(0)
+    assert sampled == evaluate_model(model, tokenizer, dataset, reward, temperature=1.0, max_new_tokens=8)
+    for metrics in (greedy, sampled):
+        assert set(metrics) == {"accuracy", "tagged_answer_rate", "exact_match", "n"} and metrics["n"] == 6
+        assert metrics["exact_match"] <= metrics["tagged_answer_rate"]
+
+
+def test_single_turn_sampling_follows_the_settings_given(tiny_assets, tokenizer, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets)
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    dataset = arithmetic.build_dataset(2, seed=0, split="test")
+    evaluate_model(model, tokenizer, dataset, arithmetic.partial_credit, temperature=0.7, max_new_tokens=4,
+                   sampling={"top_p": 0.9})
+    # TRL's defaults where not given (top_k 0 = off, not transformers' 50)
+    assert seen["do_sample"] and seen["temperature"] == 0.7 and seen["top_p"] == 0.9 and seen["top_k"] == 0

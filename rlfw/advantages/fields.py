@@ -132,7 +132,8 @@ BATCH_FIELDS: dict[str, BatchField] = {
         build=_turn_rewards, from_rollout=True, always=True),
     "answer_logprobs": BatchField(
         "answer_logprobs", per_turn=True, dtype=torch.float32,
-        help="mean log-prob of the ground-truth answer after t completed rounds (IGPO's probe)",
+        help="mean log-prob of the ground-truth answer after t completed rounds (IGPO's probe; NaN for truncated and "
+             "single-turn rollouts, which are not probed)",
         build=_answer_logprobs, column=ANSWER_FIX),
     "turn_lengths": BatchField(
         "turn_lengths", per_turn=True, dtype=torch.int64, help="policy tokens of each assistant turn; 0 past the last",

@@ -86,5 +86,7 @@ class IGPO(BaseEstimator):
             "abs_mean": adv.abs().mean().item(),
             "ig_mean": ig.mean().item() if ig.numel() else 0.0,
             "ig_frac_positive": (ig > 0).float().mean().item() if ig.numel() else 0.0,
+            # rollouts whose tool turns got an IG reward: 0 means every gain was discarded (all truncated, say)
+            "gain_rollout_frac": has_gain.any(dim=1).float().mean().item(),
             "singleton_pool_frac": (pool_size == 1).sum().item() / max(used, 1),
         }
