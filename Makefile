@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-real test lint bench clean real-model
+.PHONY: setup demo demo-real test lint bench bench-real clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -55,6 +55,16 @@ bench: setup
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/sign_flips.py
 	$(PYTHON) bench/learning.py --comparison all --seeds 3
+
+# The real model (about 1.5 hours on 2 CPU cores): rlfw vs TRL per step with the phase breakdown, IGPO's probe cost,
+# and make demo-real's recipe over 3 seeds.
+REAL_BENCH := --model $(REAL_MODEL) --chat-template hermes
+bench-real: real-model
+	OMP_NUM_THREADS=2 $(PYTHON) bench/overhead.py $(REAL_BENCH) --repeats 2 --steps 2 --warmup-steps 1 --batch 8 \
+		--group 4 --max-completion-length 32
+	OMP_NUM_THREADS=2 $(PYTHON) bench/probe_cost.py $(REAL_BENCH)
+	$(PYTHON) bench/quickstart_seeds.py --config configs/real/smollm2_arithmetic.yaml --seeds 0 1 2 --threads 2 \
+		-- --no-sft --eval-size 100
 
 clean:
 	rm -rf outputs assets $(VENV)

@@ -145,7 +145,8 @@ def main() -> None:
             f"{args.batch} episodes per step, G={args.group}, max_turns {args.max_turns}, max_completion_length "
             f"{args.max_completion_length}, T=1.0; each contender a fresh trainer, {args.warmup_steps} untimed + "
             f"{args.steps} timed steps; {time.time() - start:.0f} s in all.\n\n{text}\n")
-    append_result("IGPO's probe cost", "Produced by `bench/probe_cost.py` (method in its docstring). Newest last.", body)
+    append_result("IGPO answer-probe cost",
+                  "Produced by `bench/estimators.py` and `bench/probe_cost.py`; newest last.", body)
 
 
 if __name__ == "__main__":

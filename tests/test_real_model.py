@@ -317,3 +317,27 @@ def test_lora_save_and_resume_equals_uninterrupted(tmp_path, real_dir, real_toke
     b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a), "resume from checkpoint-1 differs from the uninterrupted run"
+
+
+# ------------------------------------------------------------------ the learning recipe (make demo-real), scaled down
+def test_demo_real_recipe_runs_end_to_end(tmp_path, real_dir, monkeypatch):
+    """``make demo-real``'s code path (no warm start, evaluation before and after, RL, report) on one small step; the
+    learning itself over 3 seeds is bench/quickstart_seeds.py's (docs/benchmarks.md)."""
+    import sys
+
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repo
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    sys.modules.pop("quickstart", None)
+    import quickstart
+
+    result = quickstart.run("configs/real/smollm2_arithmetic.yaml", tmp_path / "real", eval_size=4, launch=False,
+                            no_sft=True, rl_args=["--max_steps", "1", "--per_device_train_batch_size", "4",
+                                                  "--num_generations", "2", "--max_completion_length", "12"])
+    for when in ("before", "after"):
+        assert set(result[when]) == {"greedy", "sampled (T=0.7)"}
+        for metrics in result[when].values():
+            assert metrics["n"] == 4 and {"accuracy", "tagged_answer_rate", "exact_match"} <= set(metrics)
+    report = (tmp_path / "real" / "report.md").read_text()
+    assert "| decoding | metric | before RL | after RL |" in report
+    history = json.loads((tmp_path / "real" / "rl" / "trainer_state.json").read_text())["log_history"]
+    assert any("rewards/partial_credit/mean" in entry for entry in history)  # the config's reward, by dotted path
