@@ -30,7 +30,7 @@ REAL_MODEL := assets/smollm2-135m-instruct
 real-model: setup
 	$(PYTHON) -m rlfw.assets real --out $(REAL_MODEL)
 
-# SmolLM2-135M-Instruct learning by RL alone (no warm start) on arithmetic with partial credit: about 20 minutes on
+# SmolLM2-135M-Instruct trained by RL alone (no warm start) on arithmetic with partial credit: about 20 minutes on
 # 2 CPU cores; writes outputs/real/report.md.
 demo-real: real-model
 	OMP_NUM_THREADS=2 $(PYTHON) recipes/quickstart.py --config configs/real/smollm2_arithmetic.yaml --no-sft \
