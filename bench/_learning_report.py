@@ -34,8 +34,7 @@ def headline_keys(comp: Comparison) -> list[str]:
     keys = [PRIMARY, "greedy accuracy"]
     if comp.pass_k:
         keys += [f"pass@{comp.samples}"]
-    if comp.name == "gated":
-        keys += ["greedy immediate reward"]
+    keys += list(comp.headline)
     if comp.env == "search_qa":  # a policy that answers the most frequent answer everywhere scores by the prior
         keys += ["greedy top-answer share"]
     return keys

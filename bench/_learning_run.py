@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -18,18 +19,31 @@ class Recorder:
     def __init__(self, inner):
         self.inner = inner
         self.steps: list[dict] = []
+        self.trainer = None
 
     def __getattr__(self, name):  # only for attributes Recorder itself lacks: name, requires, loss_term, ...
         return getattr(self.__dict__["inner"], name)
 
+    def watch(self, trainer) -> None:
+        """Read the environment's own reward (the noise-free outcome) of each batch from ``trainer``."""
+        self.trainer = trainer
+
     def __call__(self, batch):
         out = self.inner(batch)
-        self.steps.append(batch_stats(batch, out))
+        self.steps.append(batch_stats(batch, out, self._clean_rewards(batch)))
         return out
 
+    def _clean_rewards(self, batch):
+        """The environment's reward column (the last reward function): the outcome before any noise or shaping."""
+        per_func = getattr(self.trainer, "_rewards_per_func", None)
+        if per_func is None or per_func.size(0) != batch.rewards.numel():
+            return None
+        return per_func[:, -1].to(batch.rewards.device)
 
-def batch_stats(batch, out) -> dict:
-    """What the estimator saw and did in one generation batch (means over completions or groups)."""
+
+def batch_stats(batch, out, clean=None) -> dict:
+    """What the estimator saw and did in one generation batch (means over completions or groups). ``clean``: the
+    noise-free outcome per completion (the environment's reward), for the mechanism measurements."""
     import torch
 
     from rlfw import ops
@@ -43,13 +57,65 @@ def batch_stats(batch, out) -> dict:
         "tie_rate": float(ops.group_all_equal(r, index, num_groups).float().mean()),
         "zero_adv_frac": float((adv[kept].abs() <= 1e-6).float().mean()),
     }
+    if clean is not None:
+        stats.update(mechanism_stats(batch, out, clean, index, num_groups))
     if batch.num_tool_calls is not None:
         stats["tool_calls"] = float(batch.num_tool_calls.float().mean())
     if batch.turn_rewards is not None:
         stats["turn_reward_sum"] = float(torch.nansum(batch.turn_rewards, dim=1).mean())
     if batch.truncated is not None:
         stats["truncated"] = float(batch.truncated.float().mean())
+        stats["answered"] = 1.0 - stats["truncated"]
     stats.update({f"est/{k}": float(v) for k, v in out.metrics.items()})
+    return stats
+
+
+def mechanism_stats(batch, out, clean, index, num_groups) -> dict:
+    """The preconditions of the mechanism benchmarks, from one batch (keys absent where they do not apply):
+
+    - wrong_sign: among kept rows whose noise-free reward differs from its group's mean, the fraction whose
+      advantage has the opposite sign (per-completion advantages only);
+    - label_error: fraction of training rewards that differ from the noise-free ones (both 0/1);
+    - stratum_gap: over groups with 2+ call-count strata, mean reward of the fewest-call stratum minus the rest's;
+    - unlucky_negative: fraction of right answers (noise-free outcome >= 1) given a negative advantage;
+    - failing_shaped_share: share of the immediate (turn) reward earned by episodes with outcome < 1;
+      failing_shaped_gap: their mean immediate reward per episode minus that of episodes with outcome >= 1.
+    """
+    import torch
+
+    from rlfw import ops
+
+    r, stats = batch.rewards, {"clean_reward": float(torch.nanmean(clean))}
+    if out.advantages.dim() == 1:
+        adv = out.advantages
+        centered = clean - ops.group_mean(clean, index, num_groups)[index]
+        rows = out.keep.bool() & (centered.abs() > 1e-6)
+        if rows.any():
+            stats["wrong_sign"] = float((adv[rows] * centered[rows] < -1e-12).float().mean())
+        right = clean >= 1
+        if right.any():
+            stats["unlucky_negative"] = float((adv[right] < -1e-6).float().mean())
+    binary = lambda x: bool(((x == 0) | (x == 1)).all())  # noqa: E731
+    if binary(r) and binary(clean):
+        stats["label_error"] = float((r != clean).float().mean())
+    if batch.num_tool_calls is not None:
+        calls = batch.num_tool_calls.to(r.dtype)
+        fewest = torch.full((num_groups,), float("inf"), dtype=r.dtype).scatter_reduce(0, index, calls, "amin")
+        low = calls == fewest[index]
+        n_low = ops.group_sum(low.to(r.dtype), index, num_groups)
+        n_high = ops.group_count(r, index, num_groups) - n_low
+        mixed = (n_low > 0) & (n_high > 0)
+        stats["multi_stratum"] = float(mixed.float().mean())
+        if mixed.any():
+            low_mean = ops.group_sum(torch.where(low, r, 0.0), index, num_groups) / n_low.clamp(min=1)
+            high_mean = ops.group_sum(torch.where(low, 0.0, r), index, num_groups) / n_high.clamp(min=1)
+            stats["stratum_gap"] = float((low_mean - high_mean)[mixed].mean())
+    if batch.turn_rewards is not None:
+        shaped, failing = torch.nansum(batch.turn_rewards, dim=1), clean < 1
+        if float(shaped.sum()) > 0:
+            stats["failing_shaped_share"] = float(shaped[failing].sum() / shaped.sum())
+        if failing.any() and (~failing).any():
+            stats["failing_shaped_gap"] = float(shaped[failing].mean() - shaped[~failing].mean())
     return stats
 
 
@@ -69,7 +135,7 @@ def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature:
     engine = RolloutEngine(tokenizer, backend, max_turns=spec.max_turns,
                            max_completion_length=spec.max_completion_length, eos_token_ids=backend.eos_ids)
     expanded = [row for row in rows for _ in range(samples)]
-    rewards, calls, immediate, answers = [], [], [], []
+    rewards, calls, immediate, answers, answered = [], [], [], [], []
     with torch.random.fork_rng(), torch.no_grad():  # sampling here must not move the training RNG
         torch.manual_seed(seed)
         for start in range(0, len(expanded), 64):
@@ -80,11 +146,13 @@ def episodes_eval(model, tokenizer, rows, env_cls, spec: WarmStart, temperature:
                 calls.append(ep.num_tool_calls)
                 immediate.append(sum(x for x in ep.turn_rewards if not math.isnan(x)))
                 answers.append(extract_answer(getattr(env, "final_text", None)))
+                answered.append(answers[-1] is not None)
     model.train(was_training)
     n = max(len(rewards), 1)
     top = Counter(a for a in answers if a is not None).most_common(1)
     out = {"accuracy": sum(rewards) / n, "tool_calls": sum(calls) / n, "immediate": sum(immediate) / n,
-           "top_answer_share": top[0][1] / n if top else 0.0}  # near 1: one answer for every prompt (a prior)
+           "top_answer_share": top[0][1] / n if top else 0.0,  # near 1: one answer for every prompt (a prior)
+           "answered": sum(answered) / n}
     if samples > 1:
         best = [max(rewards[i:i + samples]) for i in range(0, len(rewards), samples)]
         out[f"pass@{samples}"] = sum(best) / len(best)
@@ -102,11 +170,58 @@ def _closeness(text: str, row: dict) -> float:
     return math.exp(-abs(x - gold) / (1.0 + abs(gold))) if math.isfinite(x) else 0.0
 
 
-def closeness():
+def closeness(seed: int = 0):
     """The partial-credit reward function (added to the environment's 0/1 reward: continuous rewards)."""
     from envs.episode import reward_function
 
     return reward_function("closeness", _closeness)
 
 
-EXTRA_REWARDS = {"closeness": closeness}
+JUDGE_NOISE_SCALE, JUDGE_NOISE_CLIP = 0.2, 5.0
+
+
+def judge_noise(seed: int = 0):
+    """A noisy judge's error, added to the 0/1 outcome: 0.2 x a standard Cauchy draw, clipped to +-5 (heavy tails:
+    about one draw in four moves the reward by more than half the gap between right and wrong)."""
+    rng = random.Random(f"judge-noise-{seed}")
+
+    def judge_noise(completions, **kwargs):
+        draws = (JUDGE_NOISE_SCALE * math.tan(math.pi * (rng.random() - 0.5)) for _ in completions)
+        return [max(-JUDGE_NOISE_CLIP, min(JUDGE_NOISE_CLIP, x)) for x in draws]
+
+    return judge_noise
+
+
+VERIFIER_FP, VERIFIER_FN = 0.2, 0.2
+
+
+def flipped_verdict(seed: int = 0):
+    """A verifier with known error rates: the environment's 0/1 verdict, flipped with probability VERIFIER_FP when it
+    is 0 (a false positive) and VERIFIER_FN when it is 1 (a false negative)."""
+    rng = random.Random(f"verifier-{seed}")
+
+    def flipped_verdict(completions, environments=None, **kwargs):
+        out = []
+        for env in environments:
+            truth = float(env.get_reward())
+            flip = rng.random() < (VERIFIER_FN if truth >= 1 else VERIFIER_FP)
+            out.append(1.0 - truth if flip else truth)
+        return out
+
+    return flipped_verdict
+
+
+RETRY_COST = 0.5
+
+
+def retry_cost(seed: int = 0):
+    """-0.5 per busy (flaky) calculate call of the episode: bad luck costs reward."""
+
+    def retry_cost(completions, environments=None, **kwargs):
+        return [-RETRY_COST * sum(1 for e in env.tool_events if e.get("busy")) for env in environments]
+
+    return retry_cost
+
+
+EXTRA_REWARDS = {"closeness": closeness, "judge_noise": judge_noise, "flipped_verdict": flipped_verdict,
+                 "retry_cost": retry_cost}

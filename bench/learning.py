@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +51,8 @@ class WarmStart:
     env: str  # module under envs/
     dataset_kwargs: dict = field(default_factory=dict)  # build_dataset options (train and test)
     trace_kwargs: dict = field(default_factory=dict)  # synthetic_traces options
-    degrade: str | None = None  # "direct": answer without tools; "early": answer after the first tool result
+    degrade: str | None = None  # "direct": answer without tools; "early": answer after the first tool result;
+    # "ignore": answer the question's first number after the tool result (a policy that does not use the evidence)
     degrade_fraction: float = 0.0
     examples: int = 4000
     epochs: float = 4.0
@@ -64,7 +66,7 @@ class WarmStart:
 WARM_STARTS = {
     "calculator": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
-        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=6000,
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=20.0,
         learning_rate=2e-3, max_turns=3, max_completion_length=48),
     "search_qa": WarmStart(
         "search_qa", degrade="early", degrade_fraction=0.3, examples=2800, epochs=4.0, max_length=1024,
@@ -72,6 +74,26 @@ WARM_STARTS = {
     "python_sandbox": WarmStart(
         "python_sandbox", degrade="direct", degrade_fraction=0.4, examples=1440, epochs=8.0, max_length=512,
         max_turns=4, max_completion_length=400),
+    # Mechanism settings (one precondition each, made to hold): see the comparisons that use them.
+    # A flaky calculator (40 % of calls busy, retried): the number of calls is luck. The demonstrator's mistake to
+    # unlearn is a wrong argument name (40 %, then a guessed answer), which costs no extra call.
+    "calculator_flaky": WarmStart(
+        "calculator", dataset_kwargs={"style": "expression", "max_ops": 1, "tool_failure_rate": 0.4},
+        trace_kwargs={"style": "expression", "max_ops": 1, "bad_call_fraction": 0.4, "guess_answers": True,
+                      "tool_failure_rate": 0.4}, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=4,
+        max_completion_length=64),
+    # 30 % of the demonstrator's episodes call the tool four times and never answer; 30 % answer a guess at once.
+    "calculator_loop": WarmStart(
+        "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.3, "guess_answers": True,
+                      "loop_fraction": 0.3}, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=4, max_completion_length=64),
+    # Sparse outcomes: 60 % of the demonstrator's answers are guesses without the tool, and half of the rest ignore
+    # the tool's result (which holds the answer) and guess too.
+    "calculator_sparse": WarmStart(
+        "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.6, "guess_answers": True},
+        degrade="ignore", degrade_fraction=0.5, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=3,
+        max_completion_length=48),
 }
 
 
@@ -81,12 +103,22 @@ class Method:
     estimator: str
     kwargs: dict = field(default_factory=dict)
     num_generations: int = 8
+    reward_weights: tuple[float, ...] | None = None  # over (extra rewards..., environment); None: the comparison's
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """What a method needs to matter, measured on the training batches (a recorded key, mean of all steps)."""
+
+    key: str
+    label: str
+    how: str  # how it is measured, for the docs
 
 
 @dataclass(frozen=True)
 class Comparison:
     name: str
-    env: str
+    env: str  # a WARM_STARTS setting (environment, task options, warm start)
     claim: str  # the paper's claim, as the research notes state it
     methods: tuple[Method, ...]
     own_metrics: tuple[tuple[str, str], ...]  # (recorded key, label) plotted against training steps
@@ -99,6 +131,11 @@ class Comparison:
     pass_k: bool = False  # also report pass@samples
     min_hops: int = 0  # search_qa: keep only questions with at least this many hops
     extra_rewards: tuple[str, ...] = ()  # _learning_run.EXTRA_REWARDS added to the environment's reward in training
+    reward_weights: tuple[float, ...] | None = None  # over (extra rewards..., environment); None: all 1
+    env_class: str | None = None  # "module:Class" replacing the setting's environment (same tools and tasks)
+    precondition: Precondition | None = None  # measured in this comparison and in ``control``
+    control: str | None = None  # the comparison where the precondition is absent (the negative control)
+    headline: tuple[str, ...] = ()  # held-out metrics reported besides the defaults
 
 
 def config_kwargs(path: str) -> dict:
@@ -116,7 +153,7 @@ def comparisons() -> dict[str, Comparison]:
             "MC-GRPO: with few rollouts per prompt a median baseline (n = G+1, pivot dropped) avoids the mean "
             "baseline's sign errors, so n=3 learns like a larger group (arXiv 2601.22582)",
             (Method("median n=3", "median", config_kwargs("configs/calculator/median.yaml"), 3),
-             Method("grpo G=2", "grpo", {}, 2), Method("grpo G=8", "grpo", {}, 8)),
+             Method("grpo G=2", "grpo", {}, 2), Method("grpo G=3", "grpo", {}, 3), Method("grpo G=8", "grpo", {}, 8)),
             (("reward", "train reward"), ("zero_adv_frac", "zero-advantage rows"), ("tie_rate", "tied groups")),
             steps=150, eval_every=15),
         Comparison(
@@ -147,7 +184,7 @@ def comparisons() -> dict[str, Comparison]:
              Method("grpo (outcome only)", "grpo")),
             (("turn_reward_sum", "immediate reward per episode"), ("reward", "outcome (tests passed)"),
              ("tool_calls", "run_python calls per episode")),
-            steps=60, eval_every=15, eval_size=9),
+            steps=60, eval_every=15, eval_size=9, headline=("greedy immediate reward",)),
         Comparison(
             "stratified", "search_qa",
             "Stratified GRPO: normalising within strata of equal search count removes cross-stratum bias and "
@@ -181,9 +218,103 @@ def comparisons() -> dict[str, Comparison]:
                 own_metrics=(("tool_calls", "tool calls per episode"), *stratified.own_metrics[1:2],
                              ("reward", "train reward"))),
     )
-    order = ["median", "median_partial", "epo", "riskpo", "gated", "stratified", "stratified_calculator", "igpo"]
-    every = {**main, **{c.name: c for c in variants}}
+    mechanisms = mechanism_comparisons(grpo)
+    order = ["median", "median_partial", "epo", "riskpo", "gated", "stratified", "stratified_calculator", "igpo",
+             *mechanisms]
+    every = {**main, **{c.name: c for c in variants}, **mechanisms}
     return {name: every[name] for name in order}
+
+
+WRONG_SIGN = Precondition(
+    "wrong_sign", "wrong-sign updates",
+    "fraction of gradient rows whose advantage has the opposite sign of (noise-free reward - group mean of it)")
+
+
+def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
+    """One comparison per method in a setting made so that the paper's precondition holds (measured: the
+    ``precondition`` key), each naming the comparison where it does not hold (``control``)."""
+    median_kwargs = config_kwargs("configs/calculator/median.yaml")
+    verifier = {"rho_fp": 0.2, "rho_fn": 0.2}
+    gated_kwargs = config_kwargs("configs/python_sandbox/gated.yaml")
+    mechanisms = {c.name: c for c in (
+        Comparison(
+            "median_noisy", "calculator",
+            "MC-GRPO, mechanism setting: a noisy judge (0/1 correctness + 0.2 x standard Cauchy noise, clipped to "
+            "+-5) and small groups, where a mean baseline gets signs wrong and the median does not (arXiv 2601.22582)",
+            (Method("median n=3", "median", median_kwargs, 3), Method("grpo G=3", "grpo", {}, 3),
+             Method("grpo G=2", "grpo", {}, 2)),
+            (("wrong_sign", "wrong-sign updates"), ("clean_reward", "train reward (noise-free)"),
+             ("zero_adv_frac", "zero-advantage rows")),
+            steps=150, eval_every=15, extra_rewards=("judge_noise",), precondition=WRONG_SIGN, control="median"),
+        Comparison(
+            "noisy_verifier", "calculator",
+            "Noisy-verifier corrections, mechanism setting: the training reward is the calculator's 0/1 verdict "
+            "flipped at random (false positives 20 %, false negatives 20 %, rates known to the estimator); "
+            "correcting for them should recover the clean-reward learning that plain GRPO on the noisy verdicts "
+            "loses (arXiv 2510.00915)",
+            (Method("grpo (noisy)", "grpo"),
+             Method("backward", "noisy_verifier", {**verifier, "mode": "backward"}),
+             Method("forward", "noisy_verifier", {**verifier, "mode": "forward"}),
+             Method("grpo (clean)", "grpo", reward_weights=(0.0, 1.0))),
+            (("label_error", "verdicts that disagree with the truth"), ("clean_reward", "train reward (true)"),
+             ("tie_rate", "tied groups")),
+            steps=150, eval_every=15, extra_rewards=("flipped_verdict",), reward_weights=(1.0, 0.0),
+            precondition=Precondition("label_error", "wrong verdicts",
+                                      "fraction of training verdicts that differ from the calculator's true 0/1"),
+            control=None),
+        Comparison(
+            "stratified_flaky", "calculator_flaky",
+            "Stratified GRPO, mechanism setting: a flaky calculator (each call busy with probability 0.4, each busy "
+            "call costs 0.5 reward), so the number of calls, and the reward, differ between strata by luck; "
+            "normalising within strata keeps unlucky right answers from being punished (arXiv 2510.06214)",
+            (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
+            (("stratum_gap", "reward gap, fewest-call stratum - others"), ("unlucky_negative", "right answers with "
+             "negative advantage"), ("clean_reward", "train reward (correctness)")),
+            steps=150, eval_every=15, extra_rewards=("retry_cost",),
+            precondition=Precondition(
+                "unlucky_negative", "right answers pushed down",
+                "fraction of right-answer episodes (outcome 1) given a negative advantage"),
+            control="stratified_calculator"),
+        Comparison(
+            "gated_loop", "calculator_loop",
+            "G-RA, mechanism setting: each clean calculate turn pays 0.3 and an episode can call the tool until its "
+            "turns run out without ever answering (30 % of the demonstrator's episodes do), so failing episodes earn "
+            "shaping reward; D-RA should drift to calling without answering, G-RA should not (arXiv 2508.10548)",
+            (Method("gated (G-RA)", "gated", gated_kwargs),
+             Method("direct (D-RA)", "gated", {**gated_kwargs, "threshold": float("-inf")}),
+             Method("grpo (outcome only)", "grpo")),
+            (("failing_shaped_gap", "immediate reward: failing - passing episodes"),
+             ("answered", "episodes that answer"), ("clean_reward", "outcome (right answers)")),
+            steps=150, eval_every=15, env_class="_mechanism_envs:ShapedCalculatorEnv",
+            headline=("greedy answered", "greedy immediate reward"),
+            precondition=Precondition(
+                "failing_shaped_gap", "shaping edge of failing episodes",
+                "mean immediate (turn) reward per episode of failing episodes (outcome below the gate) minus that of "
+                "passing ones: > 0 when failing pays more shaping than passing"),
+            control="gated_calculator"),
+        Comparison(
+            "igpo_sparse", "calculator_sparse",
+            "IGPO, mechanism setting: sparse outcomes (most groups all wrong) where the tool's result holds the "
+            "answer, so the information gain of a call is signal where the outcomes tie (arXiv 2510.14967)",
+            (Method("igpo", "igpo", config_kwargs("configs/search_qa/igpo.yaml"), 4), replace(grpo, num_generations=4,
+                                                                                              label="grpo")),
+            (("tie_rate", "tied groups"), ("tool_calls", "tool calls per episode"),
+             ("clean_reward", "train reward")),
+            steps=150, eval_every=15, prompts_per_step=8,
+            precondition=Precondition("tie_rate", "tied groups", "fraction of groups whose outcomes are all equal"),
+            control="igpo_calculator"),
+    )}
+    # Negative controls where no earlier comparison serves: the plain calculator setting (the demonstrator answers
+    # half the prompts without the tool, right, and never loops; the shaping is the environment's 0.1 per clean call).
+    controls = (
+        replace(mechanisms["gated_loop"], name="gated_calculator", env="calculator", env_class=None,
+                claim="G-RA, negative control: the plain calculator (0.1 per clean call, no demonstrator that loops), "
+                "where failing episodes cannot out-earn passing ones on shaping", control=None),
+        replace(mechanisms["igpo_sparse"], name="igpo_calculator", env="calculator",
+                claim="IGPO, negative control: the plain calculator, whose warm start succeeds often enough that few "
+                "groups tie", control=None),
+    )
+    return {**mechanisms, **{c.name: c for c in controls}}
 
 
 # ------------------------------------------------------------------------------------------------ warm start
@@ -200,8 +331,11 @@ def traces(spec: WarmStart):
     """The demonstrator's SFT traces; a seeded fraction degraded per ``spec.degrade``."""
     import importlib
     import random
+    import re
 
     from datasets import Dataset
+
+    from envs.episode import ANSWER_FORMAT
 
     rows = importlib.import_module(f"envs.{spec.env}").synthetic_traces(spec.examples, seed=0, **spec.trace_kwargs)
     rng = random.Random(f"warm-{spec.env}")
@@ -214,6 +348,9 @@ def traces(spec: WarmStart):
                 completion = completion[-1:]  # answer straight away
             elif spec.degrade == "early" and calls >= 2:
                 completion = completion[:2] + completion[-1:]  # answer after the first search result
+            elif spec.degrade == "ignore" and calls >= 1:
+                guess = re.search(r"\d+", row["prompt"][-1]["content"]).group(0)
+                completion = [*completion[:-1], {"role": "assistant", "content": ANSWER_FORMAT.format(guess)}]
         out.append({**row, "completion": completion})  # other columns (tools) are kept
     return Dataset.from_list(out)
 
@@ -267,7 +404,7 @@ def eval_rows(comp: Comparison, spec: WarmStart, size: int) -> list[dict]:
     return rows[:size]
 
 
-def train_rows(comp: Comparison, spec: WarmStart, size: int = 2000):
+def train_rows(comp: Comparison, spec: WarmStart, size: int = 1000):
     import importlib
 
     from datasets import Dataset
@@ -291,14 +428,15 @@ def run_job(job: dict) -> dict:
 
 
 def _train(job: dict) -> dict:
-    import importlib
     import tempfile
 
     _common.set_threads()
     from transformers import AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from envs import calculator
     from rlfw import RLConfig, RLTrainer, build_estimator
+    from rlfw.environment import resolve_environment
 
     comp, spec = comparisons()[job["comparison"]], WARM_STARTS[job["env"]]
     if job["quick"]:
@@ -307,13 +445,16 @@ def _train(job: dict) -> dict:
     steps, eval_every = job["steps"], job["eval_every"]
     model_path = job["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    env_cls = importlib.import_module(f"envs.{spec.env}").ENVIRONMENT
+    environment = comp.env_class or f"envs.{spec.env}"
+    env_cls = resolve_environment(environment)
     held_out = eval_rows(comp, spec, job["eval_size"])
+    calculator.seed_tool_failures(job["seed"])  # flaky-tool settings: the luck depends on the seed alone
 
     def evaluate(model) -> dict:
         greedy = episodes_eval(model, tokenizer, held_out, env_cls, spec)
         result = {"greedy accuracy": greedy["accuracy"], "greedy tool calls": greedy["tool_calls"],
-                  "greedy immediate reward": greedy["immediate"], "greedy top-answer share": greedy["top_answer_share"]}
+                  "greedy immediate reward": greedy["immediate"], "greedy top-answer share": greedy["top_answer_share"],
+                  "greedy answered": greedy["answered"]}
         sampled = episodes_eval(model, tokenizer, held_out, env_cls, spec, temperature=1.0, samples=comp.samples,
                                 seed=1234)
         result[PRIMARY] = sampled["accuracy"]
@@ -332,18 +473,21 @@ def _train(job: dict) -> dict:
                 evals.append({"step": state.global_step, **evaluate(model)})
 
     estimator = Recorder(build_estimator(method.estimator, **method.kwargs))
+    weights = method.reward_weights or comp.reward_weights
     config = RLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-learning-"), advantage_estimator=method.estimator,
-        advantage_kwargs=dict(method.kwargs), environment=f"envs.{spec.env}", max_turns=spec.max_turns,
+        advantage_kwargs=dict(method.kwargs), environment=environment, max_turns=spec.max_turns,
+        reward_weights=list(weights) if weights else None,
         num_generations=method.num_generations,
         per_device_train_batch_size=comp.prompts_per_step * method.num_generations,
         max_completion_length=spec.max_completion_length, max_steps=steps, learning_rate=comp.learning_rate,
         lr_scheduler_type="constant", temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no",
         report_to="none", gradient_checkpointing=False, dataloader_pin_memory=False, disable_tqdm=True,
         seed=job["seed"])
-    trainer = RLTrainer(model=model_path, reward_funcs=[EXTRA_REWARDS[name]() for name in comp.extra_rewards],
+    trainer = RLTrainer(model=model_path, reward_funcs=[EXTRA_REWARDS[name](job["seed"]) for name in comp.extra_rewards],
                         args=config, estimator=estimator, train_dataset=train_rows(comp, spec),
                         processing_class=tokenizer, callbacks=[Evaluate()])
+    estimator.watch(trainer)
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train()
@@ -414,6 +558,50 @@ def schedule(tasks: list[Task], workers: int, on_done) -> None:
                 on_done(task.key, results)
 
 
+# ------------------------------------------------------------------------------------------------ summary
+def summary() -> str:
+    """Markdown table over the mechanism comparisons from their raw results (outputs/bench/learning/): per method,
+    the precondition (mean over training steps, mean ± std over seeds) and the final held-out sampled accuracy, in the
+    mechanism setting and in its negative control."""
+    from _common import pm
+    from _learning_report import PRIMARY
+
+    def load(name: str | None) -> dict[str, list[dict]]:
+        path = OUT / "learning" / f"learning_{name}.json"
+        if name is None or not path.exists():
+            return {}
+        by_method: dict[str, list[dict]] = {}
+        for run in json.loads(path.read_text())["results"]:
+            if not run["error"]:
+                by_method.setdefault(run["method"], []).append(run)
+        return by_method
+
+    def cell(runs: list[dict], key: str | None) -> str:
+        if not runs:
+            return "not run"
+        if key is None:
+            return pm([r["eval"][-1][PRIMARY] for r in runs]) + f" ({len(runs)} seeds)"
+        per_run = [statistics.fmean(row[key] for row in r["train"] if key in row) for r in runs
+                   if any(key in row for row in r["train"])]
+        return pm(per_run) if per_run else "n/a"
+
+    lines = ["| comparison | precondition (measured on training batches) | method | precondition: mechanism setting "
+             "| precondition: control | held-out sampled accuracy: mechanism | held-out sampled accuracy: control |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for comp in comparisons().values():
+        if comp.precondition is None:
+            continue
+        mech, ctrl = load(comp.name), load(comp.control)
+        for i, m in enumerate(comp.methods):
+            head = (f"`{comp.name}` (control: `{comp.control or 'its clean-reward arm'}`)",
+                    f"{comp.precondition.label}: {comp.precondition.how}") if i == 0 else ("", "")
+            lines.append("| " + " | ".join([*head, m.label, cell(mech.get(m.label, []), comp.precondition.key),
+                                             cell(ctrl.get(m.label, []), comp.precondition.key),
+                                             cell(mech.get(m.label, []), None), cell(ctrl.get(m.label, []), None)])
+                         + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -426,7 +614,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel runs (1 thread each)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny warm start, 4 steps, nothing appended")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the mechanism comparisons' precondition table from earlier runs and exit")
     args = parser.parse_args()
+    if args.summary:
+        print(summary())
+        return
     if args.quick:
         args.seeds = min(args.seeds, 2)
     selected = [comparisons()[n] for n in (names if args.comparison == "all" else [args.comparison])]
@@ -478,7 +671,7 @@ def publish(comp: Comparison, results: list[dict], args, seconds: float) -> None
     steps = results[0]["steps"] if results else comp.steps
     body = (
         f"{machine()}; {args.workers} worker process(es). Claim: {comp.claim}.\n\n"
-        f"Setup: `envs.{comp.env}` ({json.dumps(spec.dataset_kwargs)}; min hops {comp.min_hops}), "
+        f"Setup: `{comp.env_class or 'envs.' + spec.env}` ({json.dumps(spec.dataset_kwargs)}; min hops {comp.min_hops}), "
         f"local `{spec.preset}` "
         f"model warm-started by SFT on {spec.examples} imperfect demonstrations x {spec.epochs:g} epochs "
         f"(degrade={spec.degrade} {spec.degrade_fraction:g}, traces {json.dumps(spec.trace_kwargs)}); then RL for "

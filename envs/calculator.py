@@ -4,6 +4,10 @@ Problems are short stories of 1-3 operations on small integers (deterministic fo
 expression with ``ast`` and evaluates only numbers, ``+ - * / // % **``, unary signs and parentheses; it never calls
 ``eval``. Reward: 1.0 when the final ``<answer>`` equals the ground truth numerically, else 0.0. Turn reward: 0.1 for
 a turn whose calculate calls all succeeded, 0.0 for a turn with a failed call, None for a turn without calls.
+
+A flaky tool on request: rows with a ``tool_failure_rate`` column (``build_dataset(tool_failure_rate=...)``) make each
+calculate call fail with that probability ("the calculator is busy; call it again"), drawn from a process-wide
+generator (``seed_tool_failures``), so episodes of one prompt are unlucky independently of what the policy did.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ TOOL_SUCCESS_REWARD = 0.1
 MAX_EXPONENT = 64
 MAX_ABS_VALUE = 10**30
 MAX_EXPRESSION_CHARS = 200
+BUSY_MESSAGE = "the calculator is busy; call it again"
 
 # Short on purpose: with the small local tokenizer every prompt token costs training time on CPU.
 SYSTEM_PROMPT = "Compute the answer with the calculate tool, then reply <answer>NUMBER</answer>."
@@ -82,6 +87,18 @@ def _eval_node(node: ast.AST) -> int | float:
     if isinstance(node, ast.Attribute):
         raise ValueError("attribute access is not allowed")
     raise ValueError(f"unsupported syntax: {type(node).__name__}")
+
+
+class CalculatorBusy(RuntimeError):
+    """A flaky calculate call: nothing was wrong with it, and the same call may succeed next time."""
+
+
+_FAILURES = random.Random(0)
+
+
+def seed_tool_failures(seed: int) -> None:
+    """Reseed the draws of flaky calls (rows with ``tool_failure_rate``) in this process."""
+    _FAILURES.seed(f"calculator-failures-{seed}")
 
 
 def format_number(value: int | float) -> str:
@@ -170,23 +187,32 @@ def _question(problem: dict[str, Any], style: str) -> str:
 
 
 def build_dataset(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
-                  style: str = "word", max_operand: int = 12) -> Dataset:
+                  style: str = "word", max_operand: int = 12, tool_failure_rate: float = 0.0) -> Dataset:
     """Columns: prompt (system + user messages), answer (str), expression (str), num_ops (int).
 
     ``style="expression"`` asks for the bare expression ("Compute 13 + 4 * 2.") instead of a word problem;
-    ``max_operand`` bounds the operands (the starting value is at most three times that).
+    ``max_operand`` bounds the operands (the starting value is at most three times that); ``tool_failure_rate`` > 0
+    adds that column: each calculate call of those episodes fails at random with this probability.
     """
+    _check_rate("tool_failure_rate", tool_failure_rate, below_one=True)
     rows = _problems(n, seed, split, min_ops, max_ops, max_operand, style)
+    flaky = {"tool_failure_rate": float(tool_failure_rate)} if tool_failure_rate > 0 else {}
     return Dataset.from_list([
         {"prompt": conversation(SYSTEM_PROMPT, _question(p, style)), "answer": p["answer"], "expression": p["expression"],
-         "num_ops": p["num_ops"]}
+         "num_ops": p["num_ops"], **flaky}
         for p in rows
     ])
 
 
+def _check_rate(name: str, value: float, below_one: bool = False) -> None:
+    if not (0.0 <= value < 1.0 if below_one else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name}={value} must be in [0, 1{')' if below_one else ']'}")
+
+
 def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 3,
                      style: str = "word", direct_fraction: float = 0.0, bad_call_fraction: float = 0.0,
-                     max_operand: int = 12, guess_answers: bool = False) -> Dataset:
+                     max_operand: int = 12, guess_answers: bool = False, tool_failure_rate: float = 0.0,
+                     loop_fraction: float = 0.0) -> Dataset:
     """Conversations (system, user, tool call, tool result, final answer) for an SFT warm start.
 
     Returned as TRL's conversational prompt-completion format: columns prompt (system, user) and completion.
@@ -199,14 +225,20 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
     Those tool-less answers are right (a demonstrator that knows the answer) unless ``guess_answers``: then they are
     the expression's first number, the guess of a policy that skips the tool (wrong but for rare cases), so the
     warm start does not learn to answer without the tool as if it could compute.
+
+    ``tool_failure_rate``: each call of a tool-using trace is busy with this probability (at most twice in a row)
+    and retried, as a flaky calculator needs. ``loop_fraction`` of the tool-using traces call the tool four times
+    and never answer (the demonstrator of an agent that collects tool rewards without submitting).
     """
-    for name, value in (("direct_fraction", direct_fraction), ("bad_call_fraction", bad_call_fraction)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}={value} must be in [0, 1]")
+    for name, value in (("direct_fraction", direct_fraction), ("bad_call_fraction", bad_call_fraction),
+                        ("loop_fraction", loop_fraction)):
+        _check_rate(name, value)
+    _check_rate("tool_failure_rate", tool_failure_rate, below_one=True)
     traces = []
     rng = random.Random(f"calculator-traces-{seed}")
     direct_answer = {"role": "assistant", "content": ""}
     executor = ToolExecutor()
+    busy_observation = executor.run([({"calculate": _busy}, ToolCall("calculate", {"expression": "1"}))])[0].observation
     for p in _problems(n, seed, split, min_ops, max_ops, max_operand, style):
         guessed = re.match(r"\(*(\d+)", p["expression"]).group(1) if guess_answers else p["answer"]
         guess = {**direct_answer, "content": ANSWER_FORMAT.format(guessed)}
@@ -223,13 +255,23 @@ def synthetic_traces(n: int, seed: int = 0, split: str = "train", min_ops: int =
                 guess,
             ])
             continue
+        call = tool_call_message("calculate", {"expression": p["expression"]})
+        result = {"role": "tool", "name": "calculate", "content": format_number(evaluate(p["expression"]))}
+        if loop_fraction and rng.random() < loop_fraction:
+            traces.append([*conversation(SYSTEM_PROMPT, _question(p, style)), *[call, result] * 3, call])
+            continue
+        retries = []
+        while tool_failure_rate and len(retries) < 4 and rng.random() < tool_failure_rate:
+            retries += [call, {"role": "tool", "name": "calculate", "content": busy_observation}]
         traces.append([
-            *conversation(SYSTEM_PROMPT, _question(p, style)),
-            tool_call_message("calculate", {"expression": p["expression"]}),
-            {"role": "tool", "name": "calculate", "content": format_number(evaluate(p["expression"]))},
+            *conversation(SYSTEM_PROMPT, _question(p, style)), *retries, call, result,
             {"role": "assistant", "content": ANSWER_FORMAT.format(p["answer"])},
         ])
     return traces_dataset(traces, ENVIRONMENT)
+
+
+def _busy(expression: str) -> str:
+    raise CalculatorBusy(BUSY_MESSAGE)
 
 
 def score_final(final_text: str, gold: str) -> float:
@@ -242,6 +284,7 @@ class CalculatorEnv(EpisodeEnvironment):
     def _clear(self, row: dict[str, Any]) -> None:
         super()._clear(row)
         self.answer = str(row.get("answer", ""))
+        self.failure_rate = float(row.get("tool_failure_rate") or 0.0)
 
     def calculate(self, expression: str) -> str:
         """Evaluate an arithmetic expression.
@@ -252,6 +295,9 @@ class CalculatorEnv(EpisodeEnvironment):
         Returns:
             The value of the expression.
         """
+        if self.failure_rate and _FAILURES.random() < self.failure_rate:
+            self._record({"tool": "calculate", "expression": expression, "ok": False, "busy": True})
+            raise CalculatorBusy(BUSY_MESSAGE)
         try:
             result = format_number(evaluate(str(expression)))
         except ValueError as exc:

@@ -10,6 +10,8 @@ import pytest
 from envs import _tasks, calculator, python_sandbox, search_qa
 from envs.episode import extract_answer, final_assistant_text
 from rlfw.environment import BaseEnvironment, environment_tools
+from rlfw.tools.execution import ToolExecutor
+from rlfw.tools.parsers import ToolCall
 
 MODULES = [calculator, search_qa, python_sandbox]
 
@@ -286,3 +288,41 @@ def test_calculator_expression_style_splits_by_what_the_model_sees():
         150, seed=0, split=split, style="expression", max_ops=1)} for split in ("train", "test")}
     assert len(seen["train"]) == len(seen["test"]) == 150  # distinct questions, not distinct stories
     assert not seen["train"] & seen["test"]
+
+
+def test_calculator_flaky_tool_and_its_demonstrations():
+    """tool_failure_rate: calls fail at random (reproducibly per seed), with the observation the traces show; the
+    loop demonstrator calls four times and never answers."""
+    rows = calculator.build_dataset(4, style="expression", max_ops=1, tool_failure_rate=0.4)
+    assert rows[0]["tool_failure_rate"] == 0.4
+    assert "tool_failure_rate" not in calculator.build_dataset(4, style="expression", max_ops=1).column_names
+    with pytest.raises(ValueError, match="tool_failure_rate"):
+        calculator.build_dataset(4, tool_failure_rate=1.0)
+
+    executor = ToolExecutor()
+
+    def outcomes(seed: int, row: dict) -> list[str]:
+        calculator.seed_tool_failures(seed)
+        env = calculator.CalculatorEnv()
+        env.reset(**row)
+        call = ToolCall("calculate", {"expression": row["expression"]})
+        return [executor.run([({"calculate": env.calculate}, call)])[0].observation for _ in range(400)]
+
+    first = outcomes(0, rows[0])
+    busy = [o for o in first if o != rows[0]["answer"]]
+    assert 0.3 < len(busy) / 400 < 0.5 and len(set(busy)) == 1 and calculator.BUSY_MESSAGE in busy[0]
+    assert outcomes(0, rows[0]) == first and outcomes(1, rows[0]) != first  # the luck is the seed's
+    assert set(outcomes(0, {**rows[0], "tool_failure_rate": 0.0})) == {rows[0]["answer"]}
+
+    traces = calculator.synthetic_traces(300, style="expression", max_ops=1, tool_failure_rate=0.4, loop_fraction=0.2)
+    retried = looped = 0
+    for row in traces:
+        completion = row["completion"]
+        observations = [m["content"] for m in completion if m["role"] == "tool"]
+        if busy[0] in observations:
+            retried += 1
+            assert observations[-1] != busy[0] and completion[-1]["content"].startswith("<answer>")
+        if not completion[-1]["content"]:
+            looped += 1
+            assert len(observations) == 3 and completion[-1]["tool_calls"]  # a fourth call, no answer
+    assert 60 < retried < 140 and 35 < looped < 85
