@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-real test lint bench bench-real clean real-model
+.PHONY: setup demo demo-real test lint bench bench-smoke bench-real clean real-model
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench: setup
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/sign_flips.py
 	$(PYTHON) bench/learning.py --comparison all --seeds 3
+
+# Every learning comparison scaled down to a smoke test (tiny warm starts, 4 steps, 2 seeds; about 10 minutes).
+bench-smoke: setup
+	$(PYTHON) bench/learning.py --quick --comparison all --no-write
 
 # The real model (about 1.5 hours on 2 CPU cores): rlfw vs TRL per step with the phase breakdown, IGPO's probe cost,
 # and make demo-real's recipe over 3 seeds.

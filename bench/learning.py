@@ -245,7 +245,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
              Method("grpo G=2", "grpo", {}, 2)),
             (("wrong_sign", "wrong-sign updates"), ("clean_reward", "train reward (noise-free)"),
              ("zero_adv_frac", "zero-advantage rows")),
-            steps=150, eval_every=15, extra_rewards=("judge_noise",), precondition=WRONG_SIGN, control="median"),
+            steps=100, eval_every=20, extra_rewards=("judge_noise",), precondition=WRONG_SIGN, control="median"),
         Comparison(
             "noisy_verifier", "calculator",
             "Noisy-verifier corrections, mechanism setting: the training reward is the calculator's 0/1 verdict "
@@ -258,7 +258,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
              Method("grpo (clean)", "grpo", reward_weights=(0.0, 1.0))),
             (("label_error", "verdicts that disagree with the truth"), ("clean_reward", "train reward (true)"),
              ("tie_rate", "tied groups")),
-            steps=150, eval_every=15, extra_rewards=("flipped_verdict",), reward_weights=(1.0, 0.0),
+            steps=100, eval_every=20, extra_rewards=("flipped_verdict",), reward_weights=(1.0, 0.0),
             precondition=Precondition("label_error", "wrong verdicts",
                                       "fraction of training verdicts that differ from the calculator's true 0/1"),
             control=None),
@@ -270,7 +270,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             (Method("stratified", "stratified", config_kwargs("configs/search_qa/stratified.yaml")), grpo),
             (("stratum_gap", "reward gap, fewest-call stratum - others"), ("unlucky_negative", "right answers with "
              "negative advantage"), ("clean_reward", "train reward (correctness)")),
-            steps=150, eval_every=15, extra_rewards=("retry_cost",),
+            steps=100, eval_every=20, extra_rewards=("retry_cost",),
             precondition=Precondition(
                 "unlucky_negative", "right answers pushed down",
                 "fraction of right-answer episodes (outcome 1) given a negative advantage"),
@@ -285,7 +285,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
              Method("grpo (outcome only)", "grpo")),
             (("failing_shaped_gap", "immediate reward: failing - passing episodes"),
              ("answered", "episodes that answer"), ("clean_reward", "outcome (right answers)")),
-            steps=150, eval_every=15, env_class="_mechanism_envs:ShapedCalculatorEnv",
+            steps=100, eval_every=20, env_class="_mechanism_envs:ShapedCalculatorEnv",
             headline=("greedy answered", "greedy immediate reward"),
             precondition=Precondition(
                 "failing_shaped_gap", "shaping edge of failing episodes",
@@ -300,7 +300,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
                                                                                               label="grpo")),
             (("tie_rate", "tied groups"), ("tool_calls", "tool calls per episode"),
              ("clean_reward", "train reward")),
-            steps=150, eval_every=15, prompts_per_step=8,
+            steps=100, eval_every=20, prompts_per_step=8,
             precondition=Precondition("tie_rate", "tied groups", "fraction of groups whose outcomes are all equal"),
             control="igpo_calculator"),
     )}

@@ -49,3 +49,39 @@ def test_probe_cost_skips_rollouts_whose_gains_are_discarded(bench, tiny_assets,
     # the untrained tiny model's episodes are cut at 24 tokens: nothing to probe, so no probe forward runs
     assert skipping["truncated"] == 1.0 and skipping["probed"] == 0.0
     assert probing["probed"] == 1.0 and probing["phases"]["probes"] > skipping["phases"]["probes"]
+
+
+def test_mechanism_preconditions_from_a_batch():
+    """The mechanism benchmarks' measurements on a hand-checked batch: two groups of three."""
+    import sys
+
+    import torch
+
+    from rlfw.advantages.base import AdvantageBatch, AdvantageOutput
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from _learning_run import batch_stats
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    clean = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])  # the environment's outcome
+    batch = AdvantageBatch(
+        rewards=torch.tensor([1.0, 1.0, 0.0, 0.5, 1.0, 0.0]),  # what the estimator trained on
+        group_ids=torch.tensor([0, 0, 0, 1, 1, 1]),
+        num_tool_calls=torch.tensor([1, 1, 2, 2, 1, 3]),
+        turn_rewards=torch.tensor([[0.3, float("nan")], [0.3, 0.3], [0.0, 0.0], [0.3, 0.3], [0.3, 0.0], [0.3, 0.3]]),
+        truncated=torch.tensor([False, False, True, False, False, True]))
+    out = AdvantageOutput(torch.tensor([-1.0, 0.5, 0.0, -0.2, 0.4, -0.2]))
+    stats = batch_stats(batch, out, clean)
+    # centred clean rewards: [2/3, -1/3, -1/3, 1/3, 1/3, -2/3]; signs wrong in rows 0, 1 and 3 (row 2's is 0)
+    assert stats["wrong_sign"] == pytest.approx(3 / 6)
+    assert "label_error" not in stats  # 0.5 is not a 0/1 reward
+    assert stats["unlucky_negative"] == pytest.approx(2 / 3)  # right answers: rows 0, 3, 4; rows 0 and 3 pushed down
+    # group 0: fewest calls (1) mean reward 1.0, the rest 0.0; group 1: fewest (1) 1.0, the rest 0.25
+    assert stats["stratum_gap"] == pytest.approx((1.0 + 0.75) / 2) and stats["multi_stratum"] == 1.0
+    shaped = torch.tensor([0.3, 0.6, 0.0, 0.6, 0.3, 0.6])  # failing rows 1, 2, 5
+    assert stats["failing_shaped_share"] == pytest.approx(float(shaped[[1, 2, 5]].sum() / shaped.sum()))
+    assert stats["failing_shaped_gap"] == pytest.approx(0.4 - 0.4)
+    assert stats["clean_reward"] == pytest.approx(0.5) and stats["answered"] == pytest.approx(4 / 6)
+    binary = batch_stats(batch.replace(rewards=torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])), out, clean)
+    assert binary["label_error"] == pytest.approx(2 / 6)
