@@ -78,6 +78,7 @@ def mechanism_stats(batch, out, clean, index, num_groups) -> dict:
     - label_error: fraction of training rewards that differ from the noise-free ones (both 0/1);
     - stratum_gap: over groups with 2+ call-count strata, mean reward of the fewest-call stratum minus the rest's;
     - unlucky_negative: fraction of right answers (noise-free outcome >= 1) given a negative advantage;
+    - all_wrong_groups / all_right_groups: fraction of groups whose outcomes are all 0 / all 1 (hard / easy prompts);
     - failing_shaped_share: share of the immediate (turn) reward earned by episodes with outcome < 1;
       failing_shaped_gap: their mean immediate reward per episode minus that of episodes with outcome >= 1.
     """
@@ -86,6 +87,10 @@ def mechanism_stats(batch, out, clean, index, num_groups) -> dict:
     from rlfw import ops
 
     r, stats = batch.rewards, {"clean_reward": float(torch.nanmean(clean))}
+    tied = ops.group_all_equal(clean, index, num_groups)
+    first = clean[ops.group_first_row(index, num_groups)]
+    stats["all_wrong_groups"] = float((tied & (first <= 0)).float().mean())
+    stats["all_right_groups"] = float((tied & (first >= 1)).float().mean())
     if out.advantages.dim() == 1:
         adv = out.advantages
         centered = clean - ops.group_mean(clean, index, num_groups)[index]

@@ -87,6 +87,12 @@ WARM_STARTS = {
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
         trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.3, "guess_answers": True,
                       "loop_fraction": 0.3}, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=4, max_completion_length=64),
+    # Easy and hard prompts mixed: the plain calculator's warm start (1-operation traces), trained and evaluated on
+    # expressions of 1 to 3 operations.
+    "calculator_mixed": WarmStart(
+        "calculator", dataset_kwargs={"style": "expression", "min_ops": 1, "max_ops": 3},
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=20.0,
+        learning_rate=2e-3, max_turns=3, max_completion_length=64),
     # Sparse outcomes: 60 % of the demonstrator's answers are guesses without the tool, and half of the rest ignore
     # the tool's result (which holds the answer) and guess too.
     "calculator_sparse": WarmStart(
@@ -303,6 +309,18 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             steps=100, eval_every=20, prompts_per_step=8,
             precondition=Precondition("tie_rate", "tied groups", "fraction of groups whose outcomes are all equal"),
             control="igpo_calculator"),
+        Comparison(
+            "riskpo_mixed", "calculator_mixed",
+            "RiskPO, mechanism setting: easy (1-operation) and hard (2-3 operations) expressions mixed, so many "
+            "groups are all wrong; a mean objective sharpens onto what is already solved and can lose pass@k at "
+            "large k against the warm start, a Mixed-VaR objective weights the low tail (arXiv 2510.00911)",
+            (Method("riskpo", "riskpo", config_kwargs("configs/calculator/riskpo.yaml")), grpo),
+            (("all_wrong_groups", "all-wrong groups"), ("entropy", "policy entropy (nats/token)"),
+             ("clean_reward", "train reward")),
+            steps=100, eval_every=50, prompts_per_step=5, samples=16, pass_k=True, eval_size=60,
+            precondition=Precondition("all_wrong_groups", "all-wrong groups",
+                                      "fraction of groups whose outcomes are all 0 (prompts the policy cannot solve)"),
+            control="riskpo"),
     )}
     # Negative controls where no earlier comparison serves: the plain calculator setting (the demonstrator answers
     # half the prompts without the tool, right, and never loops; the shaping is the environment's 0.1 per clean call).
