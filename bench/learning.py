@@ -66,7 +66,7 @@ class WarmStart:
 WARM_STARTS = {
     "calculator": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
-        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=20.0,
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=6.0,
         learning_rate=2e-3, max_turns=3, max_completion_length=48),
     "search_qa": WarmStart(
         "search_qa", degrade="early", degrade_fraction=0.3, examples=2800, epochs=4.0, max_length=1024,
@@ -80,25 +80,25 @@ WARM_STARTS = {
     "calculator_flaky": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1, "tool_failure_rate": 0.4},
         trace_kwargs={"style": "expression", "max_ops": 1, "bad_call_fraction": 0.4, "guess_answers": True,
-                      "tool_failure_rate": 0.4}, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=4,
+                      "tool_failure_rate": 0.4}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=4,
         max_completion_length=64),
     # 30 % of the demonstrator's episodes call the tool four times and never answer; 30 % answer a guess at once.
     "calculator_loop": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
         trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.3, "guess_answers": True,
-                      "loop_fraction": 0.3}, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=4, max_completion_length=64),
+                      "loop_fraction": 0.3}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=4, max_completion_length=64),
     # Easy and hard prompts mixed: the plain calculator's warm start (1-operation traces), trained and evaluated on
     # expressions of 1 to 3 operations.
     "calculator_mixed": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "min_ops": 1, "max_ops": 3},
-        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=20.0,
+        trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.5}, examples=1200, epochs=6.0,
         learning_rate=2e-3, max_turns=3, max_completion_length=64),
     # Sparse outcomes: 60 % of the demonstrator's answers are guesses without the tool, and half of the rest ignore
     # the tool's result (which holds the answer) and guess too.
     "calculator_sparse": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
         trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.6, "guess_answers": True},
-        degrade="ignore", degrade_fraction=0.5, examples=1200, epochs=20.0, learning_rate=2e-3, max_turns=3,
+        degrade="ignore", degrade_fraction=0.5, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=3,
         max_completion_length=48),
 }
 
@@ -336,12 +336,16 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
 
 
 # ------------------------------------------------------------------------------------------------ warm start
+RL_ONLY = ("dataset_kwargs", "max_turns", "max_completion_length")  # WarmStart fields the SFT does not use
+
+
 def warm_key(spec: WarmStart) -> str:
     """Hash of the settings and of a few of the environment's traces: a changed prompt or trace format retrains."""
     import importlib
 
     sample = importlib.import_module(f"envs.{spec.env}").synthetic_traces(8, seed=0, **spec.trace_kwargs)
-    text = json.dumps([asdict(spec), [dict(row) for row in sample]], sort_keys=True, default=str)
+    sft = {k: v for k, v in asdict(spec).items() if k not in RL_ONLY}  # settings that differ in RL only share it
+    text = json.dumps([sft, [dict(row) for row in sample]], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
