@@ -37,6 +37,17 @@ def machine() -> str:
     return ", ".join(parts)
 
 
+def commit() -> str:
+    """The checkout's short commit, marked ``+dirty`` when tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def append_result(heading: str, intro: str, body: str) -> None:
     """Append ``### date: `command``` + body at the end of the ``## heading`` section (created if missing)."""
     doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -46,7 +57,7 @@ def append_result(heading: str, intro: str, body: str) -> None:
     start = doc.index(title) + len(title)
     end = doc.find("\n## ", start)
     end = len(doc) if end < 0 else end
-    entry = f"### {datetime.date.today().isoformat()}: `{command_line()}`\n\n{body.strip()}\n"
+    entry = f"### {datetime.date.today().isoformat()}: `{command_line()}` (commit {commit()})\n\n{body.strip()}\n"
     doc = doc[:end].rstrip("\n") + "\n\n" + entry + doc[end:]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(doc)
