@@ -57,10 +57,17 @@ class BenchEnv:
         return 1.0
 
 
-def _starts(row: list[int], marker: list[int]) -> list[int]:
-    """Positions where ``marker`` occurs in ``row``."""
-    n = len(marker)
-    return [i for i in range(len(row) - n + 1) if row[i: i + n] == marker]
+def _matches(ids: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """(B, L) bool: where ``marker`` starts in each row of ``ids`` (vectorised, so the forcing costs no Python work
+    per token of history and does not itself grow with the conversation)."""
+    n, length = len(marker), ids.shape[1]
+    hit = torch.zeros_like(ids, dtype=torch.bool)
+    if length >= n:
+        window = torch.ones((ids.shape[0], length - n + 1), dtype=torch.bool, device=ids.device)
+        for j, token in enumerate(marker):
+            window &= ids[:, j: length - n + 1 + j] == token
+        hit[:, : length - n + 1] = window
+    return hit
 
 
 class ForceTurns(LogitsProcessor):
@@ -74,13 +81,18 @@ class ForceTurns(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         forced = torch.full_like(scores, float("-inf"))
-        for b, row in enumerate(input_ids.tolist()):
-            last = _starts(row, self.assistant)[-1] + len(self.assistant)  # first token of the current turn
-            pos = len(row) - last
-            if self.eos in row[last:]:  # this row already ended its turn: padding follows
+        length = input_ids.shape[1]
+        columns = torch.arange(length, device=input_ids.device)
+        # first token of the current turn: just after the last assistant marker
+        starts = torch.where(_matches(input_ids, self.assistant), columns, -1).max(dim=1).values + len(self.assistant)
+        tools = _matches(input_ids, self.tool).sum(dim=1)
+        ended = ((input_ids == self.eos) & (columns >= starts[:, None])).any(dim=1)
+        for b, (start, n_tools, done) in enumerate(zip(starts.tolist(), tools.tolist(), ended.tolist(), strict=True)):
+            if done:  # this row already ended its turn: padding follows
                 forced[b, self.eos] = 0.0
                 continue
-            target = self.call if len(_starts(row, self.tool)) < self.num_turns - 1 else self.answer
+            target = self.call if n_tools < self.num_turns - 1 else self.answer
+            pos = length - start
             forced[b, target[pos] if pos < len(target) else self.eos] = 0.0
         return forced
 

@@ -42,6 +42,8 @@ def _add_rollout_arguments(p: argparse.ArgumentParser) -> None:
                    "the training config's key is tool_parser)")
     p.add_argument("--chat-template", default=None, help="replace the model's chat template: 'hermes' (tools for "
                    "ChatML models) or a Jinja file (the training config's key is chat_template)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole conversation every turn instead of keeping its key/value cache")
     p.add_argument("--non-final-turn", default="continue", choices=["continue", "remind", "end"],
                    help="after a turn that is neither a tool call nor a final answer (see RLConfig.non_final_turn)")
     p.add_argument("--tool-timeout", type=float, default=30.0, help="seconds per tool call")
@@ -81,7 +83,8 @@ def run_rollout(args: argparse.Namespace) -> int:
 
     detect_parser(tokenizer, args.parser)  # before the model loads: the error names --parser and --chat-template
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    backend = HFBackend(model, tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    backend = HFBackend(model, tokenizer, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        reuse_cache=not args.no_kv_cache)
     engine = RolloutEngine(tokenizer, backend, max_turns=args.max_turns, max_completion_length=args.max_completion_length,
                            parser=args.parser, tool_timeout=args.tool_timeout,
                            max_tool_result_chars=args.max_tool_result_chars, eos_token_ids=backend.eos_ids,

@@ -48,6 +48,12 @@ class RLConfig(GRPOConfig):
                   "(transformers generate), 'vllm', or one added with register_backend. Default: 'vllm' if use_vllm "
                   "else 'hf'."},
     )
+    reuse_kv_cache: bool = field(
+        default=True,
+        metadata={"help": "HF rollout backend: keep each episode's key/value cache between turns and forward only the "
+                  "tokens a turn adds (turn cost flat in the conversation's length). False recomputes the whole "
+                  "prefix every turn (debugging)."},
+    )
     tool_timeout: float = field(default=30.0, metadata={"help": "Seconds a single tool call may run."})
     max_tool_result_chars: int = field(
         default=2000, metadata={"help": "Tool results longer than this are truncated (characters)."}

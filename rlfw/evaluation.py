@@ -43,8 +43,8 @@ def evaluate_single_turn(model, tokenizer, dataset, reward_func, max_new_tokens:
 
 
 def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | None = None, max_turns: int = 4,
-                   max_new_tokens: int = 64, temperature: float = 0.0, sampling: dict | None = None
-                   ) -> dict[str, float]:
+                   max_new_tokens: int = 64, temperature: float = 0.0, sampling: dict | None = None,
+                   reuse_kv_cache: bool = True) -> dict[str, float]:
     """Held-out evaluation: single-turn (greedy), or multi-turn through the rollout engine when ``environment``
     (greedy with ``temperature`` 0, else sampled with ``sampling``'s top_p/top_k/min_p/repetition_penalty, TRL's
     defaults where absent)."""
@@ -54,4 +54,5 @@ def evaluate_model(model, tokenizer, dataset, reward_func, environment: str | No
     from rlfw.rollout.evaluation import evaluate_episodes
 
     return evaluate_episodes(model, tokenizer, dataset, reward_func, environment, max_turns=max_turns,
-                             max_completion_length=max_new_tokens, temperature=temperature, sampling=sampling)
+                             max_completion_length=max_new_tokens, temperature=temperature, sampling=sampling,
+                             reuse_kv_cache=reuse_kv_cache)

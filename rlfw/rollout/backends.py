@@ -4,12 +4,16 @@
 and a per-rollout token budget; it returns, per rollout, ``(new_ids, logprobs)``: the sampled ids up to and
 including the first EOS (or up to the budget) and the sampling log-prob of each. Sampling draws from torch's global
 RNG (HF) so a checkpoint's RNG state makes a resumed run sample the same tokens.
+
+A backend may also have ``release()``: the engine calls it when a batch of episodes is over (the HF backend then drops
+the key/value states it kept between turns).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -58,17 +62,108 @@ def generation_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Prefix:
+    """What one row of the last ``generate`` call left: its tokens and, per layer, their (keys, values), each of
+    shape (kv_heads, len(tokens), head_dim), views into that call's cache."""
+
+    tokens: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixCache:
+    """The key/value states of the sequences the last ``generate`` call produced, so that the next turn of the same
+    episodes forwards only its new tokens (the env tokens and the next generation prompt) instead of the whole prefix.
+
+    An entry is used by a prompt it is a strict prefix of, once; entries the next call does not use (finished
+    episodes) are dropped by that call, so at most one batch of sequences is held at a time. Only caches whose layers
+    are all plain ``DynamicLayer`` are kept (sliding-window, quantised, offloaded and recurrent caches are not).
+    """
+
+    def __init__(self):
+        self.entries: list[_Prefix] = []
+        self.stats = {"reused_tokens": 0, "forwarded_tokens": 0}
+
+    def clear(self) -> None:
+        self.entries = []
+
+    def take(self, prompts: list[list[int]]) -> list[_Prefix | None]:
+        """For each prompt, the longest unused entry that is a strict prefix of it (or None); drops all entries."""
+        free, hits = self.entries, []
+        self.entries = []
+        for prompt in prompts:
+            best = None
+            for k, entry in enumerate(free):
+                n = len(entry.tokens) if entry is not None else 0
+                if (n and n < len(prompt) and (best is None or n > len(free[best].tokens))
+                        and prompt[n - 1] == entry.tokens[-1] and prompt[:n] == entry.tokens):
+                    best = k
+            hits.append(None if best is None else free[best])
+            if best is not None:
+                free[best] = None
+        return hits
+
+    @staticmethod
+    def layout(prompts: list[list[int]], hits: list[_Prefix | None]) -> tuple[int, int]:
+        """(W, T): the left-padded batch width and how many of its columns come from the cache.
+
+        Every row is right-aligned in W columns; the last ``W - T`` columns are forwarded, where ``W - T`` is the
+        longest uncached tail, so a row with a shorter tail forwards a few cached tokens again instead of leaving a
+        gap (plain left padding: position ids and attention masks as transformers builds them)."""
+        width = max(len(p) for p in prompts)
+        tail = max(len(p) - (len(h.tokens) if h is not None else 0) for p, h in zip(prompts, hits, strict=True))
+        return width, width - tail
+
+    def past(self, prompts: list[list[int]], hits: list[_Prefix | None], cached: int, config: Any) -> Any:
+        """A DynamicCache of ``cached`` columns: row i's first len(prompt_i) - tail cached tokens, right-aligned."""
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        tail = width - cached
+        reference = next(h for h in hits if h is not None).layers
+        data = []
+        for layer, (k0, v0) in enumerate(reference):
+            keys = k0.new_zeros((len(prompts), k0.shape[0], cached, k0.shape[-1]))
+            values = v0.new_zeros((len(prompts), v0.shape[0], cached, v0.shape[-1]))
+            for i, (prompt, hit) in enumerate(zip(prompts, hits, strict=True)):
+                n = len(prompt) - tail  # this row's tokens left of the forwarded columns
+                if n > 0:
+                    keys[i, :, cached - n:] = hit.layers[layer][0][:, :n]
+                    values[i, :, cached - n:] = hit.layers[layer][1][:, :n]
+            data.append((keys, values))
+        return DynamicCache(ddp_cache_data=data, config=config)
+
+    def keep(self, cache: Any, prompts: list[list[int]], width: int, kept: list[list[int]]) -> None:
+        """Store, per row, its prompt and ``kept[i]`` (the sampled ids the cache holds states for)."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        if not isinstance(cache, DynamicCache) or not layers or any(type(x) is not DynamicLayer for x in layers):
+            return
+        for i, (prompt, ids) in enumerate(zip(prompts, kept, strict=True)):
+            lo, hi = width - len(prompt), width + len(ids)
+            if hi > layers[0].keys.shape[-2]:
+                return  # not the layout this backend made: keep nothing
+            self.entries.append(_Prefix(list(prompt) + list(ids),
+                                        [(x.keys[i, :, lo:hi], x.values[i, :, lo:hi]) for x in layers]))
+
+
 class HFBackend:
     """transformers ``generate`` with left padding; log-probs from the processed scores (after temperature/top-k/p).
 
     Sampling settings default to TRL's (GRPOConfig: temperature 1.0, top_p 1.0, top_k 0 = off, min_p None = off,
     repetition_penalty 1.0); temperature 0 decodes greedily.
+
+    ``reuse_cache`` (default on): keep each sequence's key/value states between turns (``PrefixCache``) and forward
+    only the tokens a turn adds, so a turn's cost does not grow with the conversation. Off recomputes the whole
+    prefix every turn (the same tokens and log-probs up to float rounding; for debugging).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = 0, min_p: float | None = None, repetition_penalty: float = 1.0,
-                 eos_token_ids: Sequence[int] | None = None, trainer: Any = None):
+                 eos_token_ids: Sequence[int] | None = None, trainer: Any = None, reuse_cache: bool = True):
         self.model, self.tokenizer, self.trainer = model, tokenizer, trainer
+        self.cache = PrefixCache() if reuse_cache else None
         eos = list(eos_token_ids or [])
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos += gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
@@ -81,7 +176,13 @@ class HFBackend:
         """Sampling settings and EOS ids from a TRL GRPOTrainer; generation runs on its (unwrapped) model."""
         return cls(trainer.model, trainer.processing_class, temperature=trainer.temperature, top_p=trainer.top_p,
                    top_k=trainer.top_k, min_p=trainer.min_p, repetition_penalty=trainer.repetition_penalty,
-                   eos_token_ids=trainer.eos_token_ids, trainer=trainer)
+                   eos_token_ids=trainer.eos_token_ids, trainer=trainer,
+                   reuse_cache=getattr(trainer.args, "reuse_kv_cache", True))
+
+    def release(self) -> None:
+        """Drop the key/value states kept between turns (the engine calls this when its episodes are over)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     @contextlib.contextmanager
     def _model(self):
@@ -103,11 +204,13 @@ class HFBackend:
         from transformers import GenerationConfig
 
         budgets = _budgets(prompts, max_new_tokens)
+        hits = self.cache.take(prompts) if self.cache is not None else [None] * len(prompts)
         with self._model() as model, torch.no_grad():  # entered even when empty: FSDP's summon is collective
             if not prompts:
                 return []
             device = next(model.parameters()).device
-            width = max(len(p) for p in prompts)
+            width, cached = PrefixCache.layout(prompts, hits)
+            past = self.cache.past(prompts, hits, cached, model.config) if cached > 0 else None
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -117,15 +220,23 @@ class HFBackend:
                 do_sample=not greedy, max_new_tokens=max(budgets), eos_token_id=self.eos_ids, pad_token_id=pad_id,
                 output_scores=True, return_dict_in_generate=True, disable_compile=True, **sampling,
             )
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 **({"past_key_values": past} if past is not None else {}))
         new = out.sequences[:, width:]  # (B, S)
         # Log-prob of each sampled token under the processed logits it was sampled from, one step at a time: stacking
         # out.scores would add (B, S, V) copies on top of the scores generate already holds.
         logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t: t + 1]).squeeze(-1)
                                 for t, step in enumerate(out.scores)], dim=1)  # (B, S)
         eos = set(self.eos_ids)
-        return [_cut(ids, lps, b, eos) for ids, lps, b in zip(new.tolist(), logprobs.tolist(), budgets, strict=True)]
-
+        results = [_cut(ids, lps, b, eos) for ids, lps, b in zip(new.tolist(), logprobs.tolist(), budgets, strict=True)]
+        if self.cache is not None:
+            tail = width - cached
+            self.cache.stats["reused_tokens"] += sum(max(len(p) - tail, 0) for p in prompts)
+            self.cache.stats["forwarded_tokens"] += sum(min(len(p), tail) for p in prompts)
+            # the last sampled token of the longest row was never forwarded: the cache holds S - 1 generated columns
+            steps = new.shape[1] - 1
+            self.cache.keep(getattr(out, "past_key_values", None), prompts, width, [ids[:steps] for ids, _ in results])
+        return results
 
 def require_vllm() -> None:
     """Raise an ImportError with the install command when vLLM is missing."""

@@ -193,11 +193,16 @@ class RolloutEngine:
         prompts = prompts if prompts is not None else [None] * len(rows)
         episodes = [self.start(row, env, p) for row, env, p in zip(rows, envs, prompts, strict=True)]
         tools = [environment_tools(env) for env in envs]
-        for turn in range(self.max_turns):
-            active = [i for i, ep in enumerate(episodes) if not ep.done]
-            if not self._any_active(bool(active)):
-                break
-            self.step(turn, [episodes[i] for i in active], [envs[i] for i in active], [tools[i] for i in active])
+        release = getattr(self.backend, "release", lambda: None)  # what the backend kept between turns goes now
+        release()
+        try:
+            for turn in range(self.max_turns):
+                active = [i for i, ep in enumerate(episodes) if not ep.done]
+                if not self._any_active(bool(active)):
+                    break
+                self.step(turn, [episodes[i] for i in active], [envs[i] for i in active], [tools[i] for i in active])
+        finally:
+            release()
         for ep, env in zip(episodes, envs, strict=True):
             if ep.reset_error is None:
                 ep.turn_rewards = final_turn_rewards(env, ep.turn_rewards)

@@ -15,7 +15,8 @@ from rlfw.rollout.engine import RolloutEngine
 @torch.no_grad()
 def evaluate_episodes(model: Any, tokenizer: Any, dataset: Any, reward_func: Any, environment: str | type,
                       max_turns: int = 4, max_completion_length: int = 128, batch_size: int = 64,
-                      temperature: float = 0.0, sampling: dict[str, Any] | None = None) -> dict[str, float]:
+                      temperature: float = 0.0, sampling: dict[str, Any] | None = None,
+                      reuse_kv_cache: bool = True) -> dict[str, float]:
     """Accuracy (mean episode reward from the environment), tool-call statistics and turns per episode.
 
     The valid-tool-call rate is the fraction of tool calls that parsed, named a known tool with fitting arguments,
@@ -23,10 +24,12 @@ def evaluate_episodes(model: Any, tokenizer: Any, dataset: Any, reward_func: Any
     split by episodes with and without a call). ``temperature`` 0
     decodes greedily; above 0 it samples (seed torch for repeatable numbers) with ``sampling``'s top_p, top_k, min_p
     and repetition_penalty (TRL's defaults where absent), so a run's training policy is what gets evaluated.
+    ``reuse_kv_cache``: see ``HFBackend(reuse_cache=...)``.
     """
     env_cls = resolve_environment(environment) if isinstance(environment, str) else environment
     model.eval()
-    backend = HFBackend(model, tokenizer, **{**sampling_defaults(), **(sampling or {}), "temperature": temperature})
+    backend = HFBackend(model, tokenizer, **{**sampling_defaults(), **(sampling or {}), "temperature": temperature},
+                        reuse_cache=reuse_kv_cache)
     engine = RolloutEngine(tokenizer, backend, max_turns=max_turns, max_completion_length=max_completion_length,
                            eos_token_ids=backend.eos_ids)
     rewards, counts, turns, used = [], Counter(), [], []

@@ -1,0 +1,219 @@
+"""Cross-turn key/value reuse in the HF rollout backend: the same tokens and log-probs as recomputing the whole
+prefix every turn, on every path the backend serves (the engine, every shipped environment, held-out evaluation,
+`rlfw rollout`, and training with LoRA and gradient checkpointing on or off).
+
+The tiny untrained model rarely ends a turn on its own, so a logits processor raises the EOS logit: by a constant
+(sampling: turns of random length) or at every ninth token of a row (greedy: turns that end at different points in
+different rows). Either way both contenders see the same processed scores, so they must sample the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from rlfw.rollout import HFBackend, RolloutEngine
+from rlfw.rollout.backends import PrefixCache, _Prefix
+
+
+class EosBias(LogitsProcessor):
+    """Adds ``bias`` to the EOS logit; with ``period``, only where a row's real (non-pad) length is a multiple of it."""
+
+    def __init__(self, eos: int, pad: int, bias: float, period: int | None = None):
+        self.eos, self.pad, self.bias, self.period = eos, pad, bias, period
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        if self.period is None:
+            scores[:, self.eos] += self.bias
+        else:
+            real = (input_ids != self.pad).sum(dim=1)
+            scores[:, self.eos] += torch.where(real % self.period == 0, self.bias, 0.0)
+        return scores
+
+
+def bias_generation(model, processor: LogitsProcessor) -> None:
+    """Every ``model.generate`` call applies ``processor`` (after the sampling processors)."""
+    generate = type(model).generate.__get__(model)
+    model.generate = lambda *a, **kw: generate(*a, logits_processor=LogitsProcessorList([processor]), **kw)
+
+
+class Chat:
+    """No tools, and no turn is final: every episode runs ``max_turns`` turns (or its token budget)."""
+
+    def reset(self, **row):
+        return None
+
+    def _record_final_answer(self, text):
+        return False
+
+    def get_reward(self):
+        return 0.0
+
+
+def rows(n: int = 8) -> list[dict]:
+    """Prompts of different lengths, so the batch is left-padded from the first turn on."""
+    return [{"prompt": [{"role": "user", "content": "What is " + " plus ".join(map(str, range(i + 1))) + "?"}]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_assets):
+    return AutoModelForCausalLM.from_pretrained(tiny_assets).eval()
+
+
+def play(model, tokenizer, reuse: bool, temperature: float, seed: int = 0, env_cls=Chat, batch=None, max_turns=8,
+         max_completion_length=400):
+    backend = HFBackend(model, tokenizer, temperature=temperature, reuse_cache=reuse)
+    engine = RolloutEngine(tokenizer, backend, max_turns=max_turns, max_completion_length=max_completion_length,
+                           eos_token_ids=backend.eos_ids)
+    batch = batch or rows()
+    torch.manual_seed(seed)
+    episodes = engine.run(batch, [env_cls() for _ in batch])
+    return episodes, backend
+
+
+def assert_same_episode(a, b, atol=1e-4):
+    assert a.completion_ids == b.completion_ids and a.env_mask == b.env_mask and a.turn_ids == b.turn_ids
+    assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)), default=0.0) <= atol
+
+
+def test_greedy_episodes_are_token_identical_and_the_cache_is_dropped(model, tokenizer):
+    bias_generation(model, EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 30.0, period=9))
+    plain, _ = play(model, tokenizer, reuse=False, temperature=0.0)
+    cached, backend = play(model, tokenizer, reuse=True, temperature=0.0)
+    del model.generate
+    assert min(ep.num_turns for ep in plain) == 8  # every episode is multi-turn ...
+    assert len({len(ep.completion_ids) for ep in plain}) > 1  # ... and rows have different lengths
+    for a, b in zip(plain, cached, strict=True):
+        assert_same_episode(a, b)
+    stats = backend.cache.stats
+    assert stats["reused_tokens"] > 3 * stats["forwarded_tokens"]  # turns after the first forward only their tail
+    assert backend.cache.entries == []  # released when the episodes are over
+
+
+def test_seeded_sampling_gives_the_same_episodes(model, tokenizer, capsys):
+    bias_generation(model, EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 3.5))
+    same = total = 0
+    for seed in range(3):
+        plain, _ = play(model, tokenizer, reuse=False, temperature=1.0, seed=seed)
+        cached, _ = play(model, tokenizer, reuse=True, temperature=1.0, seed=seed)
+        assert len({len(ep.completion_ids) for ep in plain}) > 4
+        for a, b in zip(plain, cached, strict=True):
+            total += 1
+            if a.completion_ids == b.completion_ids:
+                same += 1
+                assert_same_episode(a, b)
+    del model.generate
+    with capsys.disabled():
+        print(f"\nseeded sampling with and without the cache: {same}/{total} episodes identical")
+    assert same / total >= 0.9
+
+
+def test_prefix_matching_uses_each_entry_once_and_drops_the_rest():
+    def entry(tokens):
+        return _Prefix(tokens, [(torch.zeros(1, len(tokens), 1), torch.zeros(1, len(tokens), 1))])
+
+    cache = PrefixCache()
+    cache.entries = [entry([1, 2, 3]), entry([1, 2, 3]), entry([1, 2]), entry([9])]
+    hits = cache.take([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 6], [1, 2], [7]])
+    assert [h.tokens if h else None for h in hits] == [[1, 2, 3], [1, 2, 3], [1, 2], None, None]
+    assert cache.entries == []  # unused entries (finished episodes) are gone
+    assert PrefixCache.layout([[1, 2, 3, 4], [5, 6, 7, 8, 9, 10]], [entry([1, 2, 3]), entry([5, 6, 7, 8])]) == (6, 4)
+
+
+def shipped_environments():
+    from envs import calculator, python_sandbox, search_qa
+
+    return [calculator, search_qa, python_sandbox]
+
+
+@pytest.mark.parametrize("module", shipped_environments(), ids=lambda m: m.__name__)
+def test_every_shipped_environment_and_the_evaluation_path(model, tokenizer, module):
+    from rlfw.rollout.evaluation import evaluate_episodes
+
+    dataset = module.build_dataset(8, seed=0)
+    bias_generation(model, EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 3.5))
+    batch = [dict(dataset[i]) for i in range(8)]
+    for seed in range(2):
+        plain, _ = play(model, tokenizer, False, 1.0, seed, module.ENVIRONMENT, batch, max_turns=4, max_completion_length=160)
+        cached, _ = play(model, tokenizer, True, 1.0, seed, module.ENVIRONMENT, batch, max_turns=4, max_completion_length=160)
+        assert sum(ep.num_turns for ep in plain) > len(plain)
+        for a, b in zip(plain, cached, strict=True):
+            assert_same_episode(a, b)
+    results = [evaluate_episodes(model, tokenizer, dataset, None, module.ENVIRONMENT, max_turns=4,
+                                 max_completion_length=160, reuse_kv_cache=reuse) for reuse in (False, True)]
+    del model.generate
+    assert json.dumps(results[0]) == json.dumps(results[1]) and results[0]["turns_per_episode"] > 1  # NaN-safe
+
+
+def test_rollout_cli_writes_the_same_transcripts_with_and_without_the_cache(tiny_assets, tmp_path):
+    from rlfw.cli import main
+
+    outs = []
+    for flags in ([], ["--no-kv-cache"]):
+        out = tmp_path / f"t{len(flags)}.jsonl"
+        assert main(["rollout", "--model", tiny_assets, "--env", "envs.calculator", "--num-episodes", "6",
+                     "--max-turns", "3", "--max-completion-length", "48", "--temperature", "1.0", "--out", str(out),
+                     *flags]) == 0
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert len(outs[0]) == 6
+    for a, b in zip(*outs, strict=True):
+        assert a["completion_ids"] == b["completion_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) <= 1e-4
+
+
+@pytest.mark.parametrize(("lora", "checkpointing"), [(False, False), (True, True)], ids=["full", "lora+checkpointing"])
+def test_training_steps_match_with_and_without_the_cache(tmp_path, tiny_assets, tokenizer, lora, checkpointing,
+                                                         monkeypatch):
+    """Two training steps sample the same multi-turn episodes and reach the same weights either way (the hashed reward
+    varies within groups, so the steps do move the weights)."""
+    from conftest import fast_config, hashed_reward
+    from datasets import Dataset
+
+    from envs.calculator import build_dataset
+    from rlfw.trainer import RLTrainer
+
+    reused = []
+    original = PrefixCache.take
+
+    def counting(self, prompts):
+        hits = original(self, prompts)
+        reused.append(sum(h is not None for h in hits))
+        return hits
+
+    monkeypatch.setattr(PrefixCache, "take", counting)
+    weights, completions = [], []
+    for reuse in (True, False):
+        peft = None
+        if lora:
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        args = fast_config(tmp_path / f"out{reuse}", environment="envs.calculator", max_turns=4,
+                           max_completion_length=96, gradient_checkpointing=checkpointing, reuse_kv_cache=reuse)
+        trainer = RLTrainer(model=tiny_assets, args=args, reward_funcs=[hashed_reward], train_dataset=Dataset.from_list(list(build_dataset(16, seed=0))),
+                            processing_class=tokenizer, peft_config=peft)
+        bias_generation(trainer.model, EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 3.5))
+        seen = []
+        generate_and_score = trainer._generate_and_score_completions
+
+        def record(inputs, _f=generate_and_score, _seen=seen):
+            out = _f(inputs)
+            _seen.append(out["completion_ids"].tolist())
+            return out
+
+        trainer._generate_and_score_completions = record
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+        completions.append(seen)
+        if reuse:
+            assert sum(reused) > 0, "the cache was never used in training"
+    assert completions[0] == completions[1]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], atol=1e-5, rtol=0)
