@@ -38,14 +38,15 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The checkout's short commit, marked ``+dirty`` when tracked files differ from it."""
+    """The checkout's short commit, marked ``+dirty`` when tracked files outside docs/ differ from it."""
     import subprocess
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # results written to docs/ by earlier runs do not change what runs
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs") else "")
 
 
 def append_result(heading: str, intro: str, body: str) -> None:

@@ -182,17 +182,22 @@ def closeness(seed: int = 0):
     return reward_function("closeness", _closeness)
 
 
-JUDGE_NOISE_SCALE, JUDGE_NOISE_CLIP = 0.2, 5.0
+JUDGE_OUTLIER_RATE, JUDGE_OUTLIER_SIZE = 0.15, (2.0, 4.0)
 
 
 def judge_noise(seed: int = 0):
-    """A noisy judge's error, added to the 0/1 outcome: 0.2 x a standard Cauchy draw, clipped to +-5 (heavy tails:
-    about one draw in four moves the reward by more than half the gap between right and wrong)."""
+    """A judge that is exact most of the time and now and then wildly off: added to the 0/1 outcome, 0 with
+    probability 0.85, else an outlier of random sign and size uniform in [2, 4] (twice to four times the gap between
+    right and wrong). One outlier in a group of three moves the group mean by 2/3 to 4/3, past every other row."""
     rng = random.Random(f"judge-noise-{seed}")
 
     def judge_noise(completions, **kwargs):
-        draws = (JUDGE_NOISE_SCALE * math.tan(math.pi * (rng.random() - 0.5)) for _ in completions)
-        return [max(-JUDGE_NOISE_CLIP, min(JUDGE_NOISE_CLIP, x)) for x in draws]
+        out = []
+        for _ in completions:
+            outlier = rng.random() < JUDGE_OUTLIER_RATE
+            size, sign = rng.uniform(*JUDGE_OUTLIER_SIZE), rng.choice((-1.0, 1.0))
+            out.append(sign * size if outlier else 0.0)
+        return out
 
     return judge_noise
 

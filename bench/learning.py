@@ -86,7 +86,8 @@ WARM_STARTS = {
     "calculator_loop": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
         trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.3, "guess_answers": True,
-                      "loop_fraction": 0.3}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=4, max_completion_length=64),
+                      "loop_fraction": 0.3}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=6,
+        max_completion_length=160),
     # Easy and hard prompts mixed: the plain calculator's warm start (1-operation traces), trained and evaluated on
     # expressions of 1 to 3 operations.
     "calculator_mixed": WarmStart(
@@ -245,8 +246,9 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
     mechanisms = {c.name: c for c in (
         Comparison(
             "median_noisy", "calculator",
-            "MC-GRPO, mechanism setting: a noisy judge (0/1 correctness + 0.2 x standard Cauchy noise, clipped to "
-            "+-5) and small groups, where a mean baseline gets signs wrong and the median does not (arXiv 2601.22582)",
+            "MC-GRPO, mechanism setting: a judge with sparse outliers (0/1 correctness, plus, for 15 % of completions, "
+            "an error of random sign and size 2 to 4) and small groups: one outlier drags a group's mean past the "
+            "other rows, so a mean baseline gets their signs wrong; the median of three ignores it (arXiv 2601.22582)",
             (Method("median n=3", "median", median_kwargs, 3), Method("grpo G=3", "grpo", {}, 3),
              Method("grpo G=2", "grpo", {}, 2)),
             (("wrong_sign", "wrong-sign updates"), ("clean_reward", "train reward (noise-free)"),
@@ -283,9 +285,9 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             control="stratified_calculator"),
         Comparison(
             "gated_loop", "calculator_loop",
-            "G-RA, mechanism setting: each clean calculate turn pays 0.3 and an episode can call the tool until its "
-            "turns run out without ever answering (30 % of the demonstrator's episodes do), so failing episodes earn "
-            "shaping reward; D-RA should drift to calling without answering, G-RA should not (arXiv 2508.10548)",
+            "G-RA, mechanism setting: each clean calculate turn pays 0.5 and an episode can call the tool for its six "
+            "turns without ever answering (30 % of the demonstrator's episodes loop), earning 2.5, more than a right "
+            "answer's 1.5; D-RA should drift to calling without answering, G-RA should not (arXiv 2508.10548)",
             (Method("gated (G-RA)", "gated", gated_kwargs),
              Method("direct (D-RA)", "gated", {**gated_kwargs, "threshold": float("-inf")}),
              Method("grpo (outcome only)", "grpo")),

@@ -1,6 +1,6 @@
 """Rollout engine vs TRL's built-in tool loop, on the same tiny model, environment, prompts and sampling.
 
-    OMP_NUM_THREADS=1 python bench/rollout.py [--turns 2 4 8 16 --repeats 3 --no-write]
+    OMP_NUM_THREADS=1 python bench/rollout.py [--turns 2 4 8 16 --repeats 3 --preset tiny --no-write]
 
 Both contenders run inside ``trl.GRPOTrainer._generate_and_score_completions`` (generation, tool calls, rewards):
 TRL with ``environment_factory=BenchEnv``, rlfw with ``rollout_func=make_rollout_func(BenchEnv, ...)``. The number of
@@ -26,7 +26,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlfw.assets import build_assets, load_tokenizer  # noqa: E402
+from rlfw.assets import PRESETS, build_assets, load_tokenizer  # noqa: E402
 from rlfw.rollout import make_rollout_func  # noqa: E402
 
 # The forced turns in each template's markup: tool call, answer, the start of an assistant turn, the start of a tool
@@ -168,7 +168,7 @@ def measure(trainer, inputs) -> tuple[float, int, int]:
 def run(args) -> str:
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp()
-    path = build_assets(Path(tmp) / "tiny", seed=0)
+    path = build_assets(Path(tmp) / args.preset, seed=0, preset=args.preset)
     tok = load_tokenizer(path)
     lines = ["| turns | TRL episodes/s | rlfw episodes/s | episodes/s ratio (rlfw/TRL) | TRL policy tok/s | rlfw policy tok/s | tok/s ratio |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="completions per step")
     p.add_argument("--group", type=int, default=4, help="num_generations")
     p.add_argument("--max-completion-length", type=int, default=640)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="local model size (rlfw.assets)")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = p.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -219,7 +220,9 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    machine_line = (f"{machine()}; tiny local Llama (hidden 64, 2 layers), {args.batch} episodes per step, "
+    size = PRESETS[args.preset]
+    machine_line = (f"{machine()}; `{args.preset}` local Llama (hidden {size['hidden_size']}, {size['num_layers']} "
+                    f"layers), {args.batch} episodes per step, "
                     f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
     append_result("Rollout engine vs TRL tool loop", "Produced by `bench/rollout.py`; newest results last.",
                   f"{machine_line}.\n\n{table}")
