@@ -1,7 +1,8 @@
 """What rlfw costs over plain TRL: whole training steps of RLTrainer(grpo) vs GRPOTrainer, same model, data, seed.
 
     OMP_NUM_THREADS=1 python bench/overhead.py [--modes single multi --repeats 7 --steps 10 --warmup-steps 2]
-        [--device cpu|cuda --bf16 --preset tiny|small --hidden-size H --num-layers L ...] [--profile] [--no-write]
+        [--device cpu|cuda --bf16 --preset tiny|small --hidden-size H --num-layers L ...] [--no-kv-cache] [--profile]
+        [--no-write]
 
 Two settings, each run = a fresh trainer built from the same saved model, ``warmup-steps`` steps not counted, then
 ``steps`` timed optimizer steps (wall time between consecutive ``on_step_end`` callbacks, so generation, rewards,
@@ -221,6 +222,7 @@ def build_trainer(contender: str, mode: str, model_path: str, tokenizer, args, o
         extra = {"environment_factory": BenchEnv}
         if contender == "rlfw":
             settings["max_turns"] = args.turns
+            settings["reuse_kv_cache"] = not args.no_kv_cache
     if contender == "trl":
         trainer = GRPOTrainer(model=model_path, reward_funcs=rewards, args=GRPOConfig(**settings),
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[callback], **extra)
@@ -301,7 +303,9 @@ def ratios(runs: dict[str, list[dict]], key: str) -> list[float]:
 
 
 def setting_name(mode: str, args) -> str:
-    return "single-turn (arithmetic)" if mode == "single" else f"multi-turn ({args.turns} turns, BenchEnv)"
+    if mode == "single":
+        return "single-turn (arithmetic)"
+    return f"multi-turn ({args.turns} turns, BenchEnv{', rlfw without its KV cache' if args.no_kv_cache else ''})"
 
 
 def plot(results: dict[str, dict[str, list[dict]]], args, to_docs: bool) -> str:
@@ -407,6 +411,8 @@ def main() -> None:
                         "assets/smollm2-135m-instruct (make real-model)")
     parser.add_argument("--chat-template", default=None, help="replace the model's chat template, e.g. 'hermes'")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (CUDA)")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="multi: rlfw recomputes the whole conversation every turn (reuse_kv_cache=False)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run per contender")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
     args = parser.parse_args()

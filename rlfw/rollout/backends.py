@@ -76,8 +76,13 @@ class PrefixCache:
     episodes forwards only its new tokens (the env tokens and the next generation prompt) instead of the whole prefix.
 
     An entry is used by a prompt it is a strict prefix of, once; entries the next call does not use (finished
-    episodes) are dropped by that call, so at most one batch of sequences is held at a time. Only caches whose layers
-    are all plain ``DynamicLayer`` are kept (sliding-window, quantised, offloaded and recurrent caches are not).
+    episodes) are dropped by that call, and the engine drops all of them when its batch of episodes is over
+    (``release``). Only caches whose layers are all plain ``DynamicLayer`` are kept (sliding-window, quantised,
+    offloaded and recurrent caches are not).
+
+    Memory: entries are views into the last call's cache, which is held until the next call has copied what it reuses
+    into its own input cache; at most about two batches' key/value states exist at once (2 x layers x kv_heads x
+    head_dim x bytes per token, e.g. 46 KB per token for SmolLM2-135M in float32), where recomputing holds one.
     """
 
     def __init__(self):
@@ -211,6 +216,7 @@ class HFBackend:
             device = next(model.parameters()).device
             width, cached = PrefixCache.layout(prompts, hits)
             past = self.cache.past(prompts, hits, cached, model.config) if cached > 0 else None
+            del hits  # the last call's states are copied into ``past``: free them before generate grows a new cache
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
