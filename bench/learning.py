@@ -120,6 +120,7 @@ class Precondition:
     key: str
     label: str
     how: str  # how it is measured, for the docs
+    aggregate: str = "mean"  # "mean": over all steps; "last/first": mean of the last 10 steps / of the first 10
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,19 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
                                       "fraction of groups whose outcomes are all 0 (prompts the policy cannot solve)"),
             control="riskpo"),
     )}
+    mechanisms["epo_collapse"] = Comparison(
+        "epo_collapse", "calculator",
+        "EPO, mechanism setting: the calculator at 10x the learning rate (5e-4), where plain GRPO's entropy collapses "
+        "within 100 steps; EPO's entropy term, measured against its smoothed history, should hold entropy in a "
+        "corridor and keep improving (arXiv 2509.22576)",
+        (Method("epo", "epo", config_kwargs("configs/calculator/epo.yaml")),
+         Method("epo lam=0.02", "epo", {**config_kwargs("configs/calculator/epo.yaml"), "lam": 0.02}), grpo),
+        (("entropy", "policy entropy (nats/token)"), ("clean_reward", "train reward"),
+         ("est/history_mean", "entropy history H̄ (epo)")),
+        steps=100, eval_every=20, learning_rate=5e-4,
+        precondition=Precondition("entropy", "entropy kept", "policy entropy of the last 10 training steps over that "
+                                  "of the first 10 (below 1: collapsing)", aggregate="last/first"),
+        control="epo")
     # Negative controls where no earlier comparison serves: the plain calculator setting (the demonstrator answers
     # half the prompts without the tool, right, and never loops; the shaping is the environment's 0.1 per clean call).
     controls = (
@@ -583,6 +597,13 @@ def schedule(tasks: list[Task], workers: int, on_done) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ summary
+def precondition_value(values: list[float], aggregate: str) -> float:
+    """One run's precondition from its per-step values: their mean, or last-10 mean / first-10 mean."""
+    if aggregate == "last/first":
+        return statistics.fmean(values[-10:]) / statistics.fmean(values[:10])
+    return statistics.fmean(values)
+
+
 def summary() -> str:
     """Markdown table over the mechanism comparisons from their raw results (outputs/bench/learning/): per method,
     the precondition (mean over training steps, mean ± std over seeds) and the final held-out sampled accuracy, in the
@@ -600,27 +621,30 @@ def summary() -> str:
                 by_method.setdefault(run["method"], []).append(run)
         return by_method
 
-    def cell(runs: list[dict], key: str | None) -> str:
+    def cell(runs: list[dict], key: str | None, aggregate: str = "mean") -> str:
         if not runs:
             return "not run"
         if key is None:
             return pm([r["eval"][-1][PRIMARY] for r in runs]) + f" ({len(runs)} seeds)"
-        per_run = [statistics.fmean(row[key] for row in r["train"] if key in row) for r in runs
+        per_run = [precondition_value([row[key] for row in r["train"] if key in row], aggregate) for r in runs
                    if any(key in row for row in r["train"])]
         return pm(per_run) if per_run else "n/a"
 
     lines = ["| comparison | precondition (measured on training batches) | method | precondition: mechanism setting "
              "| precondition: control | held-out sampled accuracy: mechanism | held-out sampled accuracy: control |",
              "|---|---|---|---:|---:|---:|---:|"]
-    for comp in comparisons().values():
-        if comp.precondition is None:
+    every = comparisons()
+    controls = {c.control for c in every.values()}
+    for comp in every.values():
+        if comp.precondition is None or comp.name in controls:
             continue
         mech, ctrl = load(comp.name), load(comp.control)
         for i, m in enumerate(comp.methods):
             head = (f"`{comp.name}` (control: `{comp.control or 'its clean-reward arm'}`)",
                     f"{comp.precondition.label}: {comp.precondition.how}") if i == 0 else ("", "")
-            lines.append("| " + " | ".join([*head, m.label, cell(mech.get(m.label, []), comp.precondition.key),
-                                             cell(ctrl.get(m.label, []), comp.precondition.key),
+            key, agg = comp.precondition.key, comp.precondition.aggregate
+            lines.append("| " + " | ".join([*head, m.label, cell(mech.get(m.label, []), key, agg),
+                                             cell(ctrl.get(m.label, []), key, agg),
                                              cell(mech.get(m.label, []), None), cell(ctrl.get(m.label, []), None)])
                          + " |")
     return "\n".join(lines)

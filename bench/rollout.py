@@ -1,6 +1,7 @@
 """Rollout engine vs TRL's built-in tool loop, on the same tiny model, environment, prompts and sampling.
 
-    OMP_NUM_THREADS=1 python bench/rollout.py [--turns 2 4 8 16 --repeats 3 --preset tiny --no-write]
+    OMP_NUM_THREADS=1 python bench/rollout.py [--turns 2 4 8 16 --repeats 3 --preset tiny|small --no-write]
+        [--model assets/smollm2-135m-instruct --chat-template hermes]
 
 Both contenders run inside ``trl.GRPOTrainer._generate_and_score_completions`` (generation, tool calls, rewards):
 TRL with ``environment_factory=BenchEnv``, rlfw with ``rollout_func=make_rollout_func(BenchEnv, ...)``. The number of
@@ -168,8 +169,8 @@ def measure(trainer, inputs) -> tuple[float, int, int]:
 def run(args) -> str:
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp()
-    path = build_assets(Path(tmp) / args.preset, seed=0, preset=args.preset)
-    tok = load_tokenizer(path)
+    path = args.model or build_assets(Path(tmp) / args.preset, seed=0, preset=args.preset)
+    tok = load_tokenizer(path, args.chat_template)
     lines = ["| turns | TRL episodes/s | rlfw episodes/s | episodes/s ratio (rlfw/TRL) | TRL policy tok/s | rlfw policy tok/s | tok/s ratio |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     per_turn = {}
@@ -201,7 +202,7 @@ def run(args) -> str:
     for c in ("trl", "rlfw"):
         gen, gaps = per_turn[c]
         turn_lines.append(f"| {c} generation | " + " | ".join(f"{gen[i]:.1f}" for i in shown) + " |")
-        turn_lines.append(f"| {c} loop | " + " | ".join(f"{gaps[i]:.2f}" for i in shown) + " |")
+        turn_lines.append(f"| {c} loop | " + " | ".join(f"{gaps[i]:.2f}" if i < len(gaps) else "-" for i in shown) + " |")
     return "\n".join(lines + turn_lines)
 
 
@@ -213,6 +214,9 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4, help="num_generations")
     p.add_argument("--max-completion-length", type=int, default=640)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="local model size (rlfw.assets)")
+    p.add_argument("--model", default=None, help="a model directory instead of a preset, e.g. "
+                   "assets/smollm2-135m-instruct (`make real-model`)")
+    p.add_argument("--chat-template", default=None, help="replace the model's chat template, e.g. 'hermes'")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = p.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -221,8 +225,10 @@ def main() -> None:
     if args.no_write:
         return
     size = PRESETS[args.preset]
-    machine_line = (f"{machine()}; `{args.preset}` local Llama (hidden {size['hidden_size']}, {size['num_layers']} "
-                    f"layers), {args.batch} episodes per step, "
+    model = (f"`{args.model}`" + (f" with chat template `{args.chat_template}`" if args.chat_template else "")
+             if args.model else f"`{args.preset}` local Llama (hidden {size['hidden_size']}, {size['num_layers']} layers)")
+    machine_line = (f"{machine()}; {model}, {args.batch} episodes per step, max_completion_length "
+                    f"{args.max_completion_length}, "
                     f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
     append_result("Rollout engine vs TRL tool loop", "Produced by `bench/rollout.py`; newest results last.",
                   f"{machine_line}.\n\n{table}")
