@@ -222,7 +222,7 @@ def build_trainer(contender: str, mode: str, model_path: str, tokenizer, args, o
         extra = {"environment_factory": BenchEnv}
         if contender == "rlfw":
             settings["max_turns"] = args.turns
-            settings["reuse_kv_cache"] = not args.no_kv_cache
+            settings["reuse_kv_cache"] = not getattr(args, "no_kv_cache", False)
     if contender == "trl":
         trainer = GRPOTrainer(model=model_path, reward_funcs=rewards, args=GRPOConfig(**settings),
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[callback], **extra)
@@ -305,7 +305,7 @@ def ratios(runs: dict[str, list[dict]], key: str) -> list[float]:
 def setting_name(mode: str, args) -> str:
     if mode == "single":
         return "single-turn (arithmetic)"
-    return f"multi-turn ({args.turns} turns, BenchEnv{', rlfw without its KV cache' if args.no_kv_cache else ''})"
+    return f"multi-turn ({args.turns} turns, BenchEnv{', rlfw without its KV cache' if getattr(args, 'no_kv_cache', False) else ''})"
 
 
 def plot(results: dict[str, dict[str, list[dict]]], args, to_docs: bool) -> str:
