@@ -81,13 +81,13 @@ WARM_STARTS = {
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1, "tool_failure_rate": 0.4},
         trace_kwargs={"style": "expression", "max_ops": 1, "bad_call_fraction": 0.4, "guess_answers": True,
                       "tool_failure_rate": 0.4}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=4,
-        max_completion_length=64),
+        max_completion_length=192),  # room for two busy calls and their retries (a busy call + its result ~ 65 tokens)
     # 30 % of the demonstrator's episodes call the tool four times and never answer; 30 % answer a guess at once.
     "calculator_loop": WarmStart(
         "calculator", dataset_kwargs={"style": "expression", "max_ops": 1},
         trace_kwargs={"style": "expression", "max_ops": 1, "direct_fraction": 0.3, "guess_answers": True,
                       "loop_fraction": 0.3}, examples=1200, epochs=6.0, learning_rate=2e-3, max_turns=6,
-        max_completion_length=160),
+        max_completion_length=256),  # room for five calls and their results (about 41 tokens each)
     # Easy and hard prompts mixed: the plain calculator's warm start (1-operation traces), trained and evaluated on
     # expressions of 1 to 3 operations.
     "calculator_mixed": WarmStart(
