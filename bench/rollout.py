@@ -13,6 +13,7 @@ the loop, not the model. Runs alternate between contenders. Appends the table to
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -178,16 +179,20 @@ def run(args) -> str:
         trainers = {c: make_trainer(path, tok, c, k, tmp, args.batch, args.group, args.max_completion_length)
                     for c in ("trl", "rlfw")}
         totals = {c: [0.0, 0, 0] for c in trainers}
-        for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+        warm = {c: measure(*trainers[c])[0] for c in ("trl", "rlfw")}  # warm-up, not counted
+        # Short rollouts are repeated within a round so that each contender's round lasts >= --min-seconds.
+        calls = max(1, math.ceil(args.min_seconds / max(warm.values())))
+        for rep in range(1, args.repeats + 1):
             order = ("trl", "rlfw") if rep % 2 == 0 else ("rlfw", "trl")
             for c in order:
-                torch.manual_seed(rep)
-                timer = span_timer(trainers[c][0], c) if k == max(args.turns) and rep == args.repeats else None
-                t, n, toks = measure(*trainers[c])
-                if timer is not None:
-                    timer.restore()
-                    per_turn[c] = timer.report()
-                if rep:
+                for call in range(calls):
+                    torch.manual_seed(rep * calls + call)
+                    last = k == max(args.turns) and rep == args.repeats and call == calls - 1
+                    timer = span_timer(trainers[c][0], c) if last else None
+                    t, n, toks = measure(*trainers[c])
+                    if timer is not None:
+                        timer.restore()
+                        per_turn[c] = timer.report()
                     totals[c] = [totals[c][0] + t, totals[c][1] + n, totals[c][2] + toks]
         (tt, tn, ttok), (rt, rn, rtok) = totals["trl"], totals["rlfw"]
         assert ttok == rtok, f"contenders sampled different token counts ({ttok} vs {rtok})"
@@ -210,6 +215,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--turns", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="rollouts are repeated within a round until a contender's round lasts at least this long")
     p.add_argument("--batch", type=int, default=8, help="completions per step")
     p.add_argument("--group", type=int, default=4, help="num_generations")
     p.add_argument("--max-completion-length", type=int, default=640)
@@ -229,7 +236,8 @@ def main() -> None:
              if args.model else f"`{args.preset}` local Llama (hidden {size['hidden_size']}, {size['num_layers']} layers)")
     machine_line = (f"{machine()}; {model}, {args.batch} episodes per step, max_completion_length "
                     f"{args.max_completion_length}, "
-                    f"G={args.group}, {args.repeats} alternating repeats after 1 warm-up")
+                    f"G={args.group}, {args.repeats} alternating rounds (each >= {args.min_seconds:g} s per contender) after 1 "
+                    "warm-up")
     append_result("Rollout engine vs TRL tool loop", "Produced by `bench/rollout.py`; newest results last.",
                   f"{machine_line}.\n\n{table}")
 
