@@ -120,7 +120,7 @@ class Precondition:
     key: str
     label: str
     how: str  # how it is measured, for the docs
-    aggregate: str = "mean"  # "mean": over all steps; "last/first": mean of the last 10 steps / of the first 10
+    aggregate: str = "mean"  # over all steps; "last": mean of the last 10; "last/first": last 10 / first 10
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class Comparison:
     env_class: str | None = None  # "module:Class" replacing the setting's environment (same tools and tasks)
     precondition: Precondition | None = None  # measured in this comparison and in ``control``
     control: str | None = None  # the comparison where the precondition is absent (the negative control)
+    effect: Precondition | None = None  # what the method should change (a training key, or "eval:<metric>" final)
     headline: tuple[str, ...] = ()  # held-out metrics reported besides the defaults
 
 
@@ -270,7 +271,7 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             steps=100, eval_every=20, extra_rewards=("flipped_verdict",), reward_weights=(1.0, 0.0),
             precondition=Precondition("label_error", "wrong verdicts",
                                       "fraction of training verdicts that differ from the calculator's true 0/1"),
-            control=None),
+            control=None, effect=Precondition("eval:sampled accuracy", "held-out accuracy", "as in the last column")),
         Comparison(
             "stratified_flaky", "calculator_flaky",
             "Stratified GRPO, mechanism setting: a flaky calculator (each call busy with probability 0.4, each busy "
@@ -300,7 +301,9 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
                 "failing_shaped_gap", "shaping edge of failing episodes",
                 "mean immediate (turn) reward per episode of failing episodes (outcome below the gate) minus that of "
                 "passing ones: > 0 when failing pays more shaping than passing"),
-            control="gated_calculator"),
+            control="gated_calculator",
+            effect=Precondition("answered", "submissions", "fraction of training episodes that answer, last 10 steps",
+                                aggregate="last")),
         Comparison(
             "igpo_sparse", "calculator_sparse",
             "IGPO, mechanism setting: sparse outcomes (most groups all wrong) where the tool's result holds the "
@@ -311,7 +314,8 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
              ("clean_reward", "train reward")),
             steps=100, eval_every=20, prompts_per_step=8,
             precondition=Precondition("tie_rate", "tied groups", "fraction of groups whose outcomes are all equal"),
-            control="igpo_calculator"),
+            control="igpo_calculator",
+            effect=Precondition("zero_adv_frac", "rows without signal", "fraction of gradient rows with advantage 0")),
         Comparison(
             "riskpo_mixed", "calculator_mixed",
             "RiskPO, mechanism setting: easy (1-operation) and hard (2-3 operations) expressions mixed, so many "
@@ -323,7 +327,8 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             steps=100, eval_every=50, prompts_per_step=5, samples=16, pass_k=True, eval_size=60,
             precondition=Precondition("all_wrong_groups", "all-wrong groups",
                                       "fraction of groups whose outcomes are all 0 (prompts the policy cannot solve)"),
-            control="riskpo"),
+            control="riskpo",
+            effect=Precondition("eval:pass@16", "pass@16", "held-out pass@16 at the end (pass@8 in the control)")),
     )}
     mechanisms["epo_collapse"] = Comparison(
         "epo_collapse", "calculator",
@@ -601,7 +606,7 @@ def precondition_value(values: list[float], aggregate: str) -> float:
     """One run's precondition from its per-step values: their mean, or last-10 mean / first-10 mean."""
     if aggregate == "last/first":
         return statistics.fmean(values[-10:]) / statistics.fmean(values[:10])
-    return statistics.fmean(values)
+    return statistics.fmean(values[-10:] if aggregate == "last" else values)
 
 
 def summary() -> str:
@@ -624,15 +629,17 @@ def summary() -> str:
     def cell(runs: list[dict], key: str | None, aggregate: str = "mean") -> str:
         if not runs:
             return "not run"
-        if key is None:
-            return pm([r["eval"][-1][PRIMARY] for r in runs]) + f" ({len(runs)} seeds)"
+        if key is None or key.startswith("eval:"):
+            metric = PRIMARY if key is None else key[len("eval:"):]
+            return pm([r["eval"][-1][metric] for r in runs if metric in r["eval"][-1]]) + f" ({len(runs)} seeds)"
         per_run = [precondition_value([row[key] for row in r["train"] if key in row], aggregate) for r in runs
                    if any(key in row for row in r["train"])]
         return pm(per_run) if per_run else "n/a"
 
-    lines = ["| comparison | precondition (measured on training batches) | method | precondition: mechanism setting "
-             "| precondition: control | held-out sampled accuracy: mechanism | held-out sampled accuracy: control |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| comparison | precondition (measured on training batches) | effect measured | method | precondition: "
+             "mechanism setting | precondition: control | effect: mechanism | effect: control | held-out sampled "
+             "accuracy: mechanism | held-out sampled accuracy: control |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     every = comparisons()
     controls = {c.control for c in every.values()}
     for comp in every.values():
@@ -640,11 +647,15 @@ def summary() -> str:
             continue
         mech, ctrl = load(comp.name), load(comp.control)
         for i, m in enumerate(comp.methods):
+            effect = comp.effect or comp.precondition
             head = (f"`{comp.name}` (control: `{comp.control or 'its clean-reward arm'}`)",
-                    f"{comp.precondition.label}: {comp.precondition.how}") if i == 0 else ("", "")
+                    f"{comp.precondition.label}: {comp.precondition.how}", f"{effect.label}: {effect.how}"
+                    ) if i == 0 else ("", "", "")
             key, agg = comp.precondition.key, comp.precondition.aggregate
             lines.append("| " + " | ".join([*head, m.label, cell(mech.get(m.label, []), key, agg),
                                              cell(ctrl.get(m.label, []), key, agg),
+                                             cell(mech.get(m.label, []), effect.key, effect.aggregate),
+                                             cell(ctrl.get(m.label, []), effect.key, effect.aggregate),
                                              cell(mech.get(m.label, []), None), cell(ctrl.get(m.label, []), None)])
                          + " |")
     return "\n".join(lines)
