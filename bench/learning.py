@@ -330,6 +330,12 @@ def mechanism_comparisons(grpo: Method) -> dict[str, Comparison]:
             control="riskpo",
             effect=Precondition("eval:pass@16", "pass@16", "held-out pass@16 at the end (pass@8 in the control)")),
     )}
+    mechanisms["infopo_sparse"] = replace(
+        mechanisms["igpo_sparse"], name="infopo_sparse",
+        claim="InfoPO, mechanism setting: the sparse calculator of igpo_sparse; the counterfactual information gain of "
+        "a tool result (how much the next turn depends on it) is signal where the outcomes tie (arXiv 2603.00656)",
+        methods=(Method("infopo", "infopo", config_kwargs("configs/search_qa/infopo.yaml"), 4),
+                 replace(grpo, num_generations=4, label="grpo")))
     mechanisms["epo_collapse"] = Comparison(
         "epo_collapse", "calculator",
         "EPO, mechanism setting: the calculator at 10x the learning rate (5e-4), where plain GRPO's entropy collapses "
