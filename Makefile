@@ -49,6 +49,8 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(VENV)/bin/hadolint $(DOCKERFILES)
 
+# Every benchmark at full size: about 4 hours on 2 CPU cores (learning.py: 18 comparisons x 3 seeds, ~400 run-minutes
+# on 2 workers, plus warm starts). Each script appends its results to docs/benchmarks.md.
 bench: setup
 	$(PYTHON) bench/estimators.py
 	$(PYTHON) bench/rollout.py
