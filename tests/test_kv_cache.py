@@ -217,3 +217,32 @@ def test_training_steps_match_with_and_without_the_cache(tmp_path, tiny_assets, 
     assert completions[0] == completions[1]
     for name, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][name], atol=1e-5, rtol=0)
+
+
+def test_multi_turn_resume_is_bit_exact_with_the_cache(tmp_path, tiny_assets, tokenizer, monkeypatch):
+    """Train 4 steps straight, and 2 + interrupt + resume: same rewards, estimator state and weights, with
+    multi-turn episodes whose later turns come from the kept cache."""
+    from mp_worker import resume_runs
+    from test_trainer import assert_exact_resume
+    from transformers import LlamaForCausalLM
+
+    original = LlamaForCausalLM.generate
+    bias = EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 3.5)
+
+    def biased(self, *args, **kwargs):
+        return original(self, *args, logits_processor=LogitsProcessorList([bias]), **kwargs)
+
+    reused = []
+    take = PrefixCache.take
+
+    def counting(self, prompts):
+        hits = take(self, prompts)
+        reused.append(sum(h is not None for h in hits))
+        return hits
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", biased)
+    monkeypatch.setattr(PrefixCache, "take", counting)
+    resume = resume_runs(tiny_assets, tmp_path, advantage_estimator="epo", environment="envs.calculator",
+                         max_turns=3, max_completion_length=64)
+    assert sum(reused) > 0
+    assert_exact_resume(resume, resume["straight"].pop("params"), resume["resumed"].pop("params"))
