@@ -76,6 +76,19 @@ def play(model, tokenizer, reuse: bool, temperature: float, seed: int = 0, env_c
     return episodes, backend
 
 
+def count_cache_hits(monkeypatch) -> list[int]:
+    """Per ``generate`` call, how many prompts found their prefix in the cache (filled as the test runs)."""
+    reused, take = [], PrefixCache.take
+
+    def counting(self, prompts):
+        hits = take(self, prompts)
+        reused.append(sum(h is not None for h in hits))
+        return hits
+
+    monkeypatch.setattr(PrefixCache, "take", counting)
+    return reused
+
+
 def assert_same_episode(a, b, atol=1e-4):
     assert a.completion_ids == b.completion_ids and a.env_mask == b.env_mask and a.turn_ids == b.turn_ids
     assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)), default=0.0) <= atol
@@ -177,15 +190,7 @@ def test_training_steps_match_with_and_without_the_cache(tmp_path, tiny_assets, 
     from envs.calculator import build_dataset
     from rlfw.trainer import RLTrainer
 
-    reused = []
-    original = PrefixCache.take
-
-    def counting(self, prompts):
-        hits = original(self, prompts)
-        reused.append(sum(h is not None for h in hits))
-        return hits
-
-    monkeypatch.setattr(PrefixCache, "take", counting)
+    reused = count_cache_hits(monkeypatch)
     weights, completions = [], []
     for reuse in (True, False):
         peft = None
@@ -195,7 +200,8 @@ def test_training_steps_match_with_and_without_the_cache(tmp_path, tiny_assets, 
             peft = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         args = fast_config(tmp_path / f"out{reuse}", environment="envs.calculator", max_turns=4,
                            max_completion_length=96, gradient_checkpointing=checkpointing, reuse_kv_cache=reuse)
-        trainer = RLTrainer(model=tiny_assets, args=args, reward_funcs=[hashed_reward], train_dataset=Dataset.from_list(list(build_dataset(16, seed=0))),
+        data = Dataset.from_list(list(build_dataset(16, seed=0)))
+        trainer = RLTrainer(model=tiny_assets, args=args, reward_funcs=[hashed_reward], train_dataset=data,
                             processing_class=tokenizer, peft_config=peft)
         bias_generation(trainer.model, EosBias(tokenizer.eos_token_id, tokenizer.pad_token_id, 3.5))
         seen = []
@@ -232,16 +238,8 @@ def test_multi_turn_resume_is_bit_exact_with_the_cache(tmp_path, tiny_assets, to
     def biased(self, *args, **kwargs):
         return original(self, *args, logits_processor=LogitsProcessorList([bias]), **kwargs)
 
-    reused = []
-    take = PrefixCache.take
-
-    def counting(self, prompts):
-        hits = take(self, prompts)
-        reused.append(sum(h is not None for h in hits))
-        return hits
-
     monkeypatch.setattr(LlamaForCausalLM, "generate", biased)
-    monkeypatch.setattr(PrefixCache, "take", counting)
+    reused = count_cache_hits(monkeypatch)
     resume = resume_runs(tiny_assets, tmp_path, advantage_estimator="epo", environment="envs.calculator",
                          max_turns=3, max_completion_length=64)
     assert sum(reused) > 0
