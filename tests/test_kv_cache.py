@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from rlfw.rollout import HFBackend, RolloutEngine
-from rlfw.rollout.backends import PrefixCache, _Prefix
+from rlfw.rollout.backends import GQA_ATTENTION, PrefixCache, _Prefix, gqa_attention
 
 
 class EosBias(LogitsProcessor):
@@ -124,6 +124,29 @@ def test_seeded_sampling_gives_the_same_episodes(model, tokenizer, capsys):
     with capsys.disabled():
         print(f"\nseeded sampling with and without the cache: {same}/{total} episodes identical")
     assert same / total >= 0.9
+
+
+def test_grouped_query_attention_with_a_padding_mask_is_bit_identical(model, tokenizer):
+    """The backend's attention (grouped heads passed to the kernel with a mask) gives exactly transformers' sdpa output:
+    on a left-padded batch with a cache, for the prefill and for decoding steps; the model's setting is restored."""
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the tiny model groups its heads
+    prompts = [tokenizer.encode("What is 1 plus 2?"), tokenizer.encode("Compute 3 times 4 plus 5 minus 6, please")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        return out.sequences, torch.stack(out.logits)
+
+    plain = run()
+    with gqa_attention(model):
+        assert model.config._attn_implementation == GQA_ATTENTION
+        grouped = run()
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(plain[0], grouped[0]) and torch.equal(plain[1], grouped[1])
 
 
 def test_prefix_matching_uses_each_entry_once_and_drops_the_rest():

@@ -62,6 +62,50 @@ def generation_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GQA_ATTENTION = "rlfw_sdpa_gqa"
+
+
+def _sdpa_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, except that grouped-query heads go to the kernel as they are
+    (``enable_gqa``) also when a padding mask is given, on the CPU.
+
+    transformers passes grouped heads to the kernel only without a mask (a CUDA limit: with one, the kernel falls back
+    to its slow path) and otherwise repeats every key and value head first, a copy of the whole cache per layer and
+    decoding step: the part of a turn's cost that grew with the conversation. On the CPU the kernel takes a mask and
+    grouped heads together, and the outputs are bit-identical (tested).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (attention_mask is None or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def gqa_attention(model: Any):
+    """Run ``model`` (and its sub-models) with ``_sdpa_gqa`` where they use ``sdpa``; restored on exit."""
+    from transformers import AttentionInterface, PretrainedConfig
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    configs = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)
+               and getattr(c, "_attn_implementation_internal", None) == "sdpa"}
+    for config in configs.values():
+        config._attn_implementation_internal = GQA_ATTENTION
+    try:
+        yield model
+    finally:
+        for config in configs.values():
+            config._attn_implementation_internal = "sdpa"
+
+
 @dataclass
 class _Prefix:
     """What one row of the last ``generate`` call left: its tokens and, per layer, their (keys, values), each of
@@ -210,7 +254,7 @@ class HFBackend:
 
         budgets = _budgets(prompts, max_new_tokens)
         hits = self.cache.take(prompts) if self.cache is not None else [None] * len(prompts)
-        with self._model() as model, torch.no_grad():  # entered even when empty: FSDP's summon is collective
+        with self._model() as model, torch.no_grad(), gqa_attention(model):  # entered even when empty: FSDP's summon is collective
             if not prompts:
                 return []
             device = next(model.parameters()).device
