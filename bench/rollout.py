@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -159,6 +160,11 @@ def span_timer(trainer, contender: str) -> _Spans:
     return spans
 
 
+def _median_per_turn(runs: list[list[float]]) -> list[float]:
+    """Per turn index, the median over runs (one list of per-turn times per rollout)."""
+    return [statistics.median(run[i] for run in runs) for i in range(min(map(len, runs)))]
+
+
 def measure(trainer, inputs) -> tuple[float, int, int]:
     start = time.perf_counter()
     out = trainer._generate_and_score_completions([dict(x) for x in inputs])
@@ -187,12 +193,11 @@ def run(args) -> str:
             for c in order:
                 for call in range(calls):
                     torch.manual_seed(rep * calls + call)
-                    last = k == max(args.turns) and rep == args.repeats and call == calls - 1
-                    timer = span_timer(trainers[c][0], c) if last else None
+                    timer = span_timer(trainers[c][0], c) if k == max(args.turns) else None
                     t, n, toks = measure(*trainers[c])
                     if timer is not None:
                         timer.restore()
-                        per_turn[c] = timer.report()
+                        per_turn.setdefault(c, []).append(timer.report())
                     totals[c] = [totals[c][0] + t, totals[c][1] + n, totals[c][2] + toks]
         (tt, tn, ttok), (rt, rn, rtok) = totals["trl"], totals["rlfw"]
         assert ttok == rtok, f"contenders sampled different token counts ({ttok} vs {rtok})"
@@ -200,14 +205,19 @@ def run(args) -> str:
                      f"{rtok / rt:.0f} | {(rtok / rt) / (ttok / tt):.2f} |")
         print(lines[-1], flush=True)
     k = max(args.turns)
-    shown = sorted({0, 1, k // 4, k // 2, 3 * k // 4, k - 2})
-    turn_lines = [f"\nPer turn, {k} turns, {args.batch} episodes (ms; loop = time between two generation calls: parsing, "
-                  "tool calls, building the next input):\n", "| | " + " | ".join(f"turn {i}" for i in shown) + " |",
-                  "|---|" + "---:|" * len(shown)]
+    shown = sorted({0, 1, k // 4, k // 2, 3 * k // 4, k - 2, k - 1})
+    last_call = max(k - 2, 1)  # the last turn with a tool call; turn k - 1 samples the (shorter) answer
+    turn_lines = [f"\nPer turn, {k} turns, {args.batch} episodes, median over the {len(per_turn['rlfw'])} timed rollouts of "
+                  "each contender (ms; loop = time between two generation calls: parsing, tool calls, building the next "
+                  f"input; growth = turn {last_call} over turn 1, the first and last turns that sample a tool call):\n",
+                  "| | " + " | ".join(f"turn {i}" for i in shown) + " | growth |",
+                  "|---|" + "---:|" * (len(shown) + 1)]
     for c in ("trl", "rlfw"):
-        gen, gaps = per_turn[c]
-        turn_lines.append(f"| {c} generation | " + " | ".join(f"{gen[i]:.1f}" for i in shown) + " |")
-        turn_lines.append(f"| {c} loop | " + " | ".join(f"{gaps[i]:.2f}" if i < len(gaps) else "-" for i in shown) + " |")
+        gen, gaps = (_median_per_turn([r[j] for r in per_turn[c]]) for j in (0, 1))
+        growth = f"{100 * (gen[last_call] / gen[1] - 1):+.0f} %" if len(gen) > 1 else "-"
+        turn_lines.append(f"| {c} generation | " + " | ".join(f"{gen[i]:.1f}" for i in shown) + f" | {growth} |")
+        turn_lines.append(f"| {c} loop | " + " | ".join(f"{gaps[i]:.2f}" if i < len(gaps) else "-" for i in shown)
+                          + " | |")
     return "\n".join(lines + turn_lines)
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from rlfw.rollout import HFBackend, RolloutEngine
-from rlfw.rollout.backends import GQA_ATTENTION, PrefixCache, _Prefix, gqa_attention
+from rlfw.rollout.kv_cache import GQA_ATTENTION, PrefixCache, _Prefix, gqa_attention
 
 
 class EosBias(LogitsProcessor):
@@ -267,3 +267,35 @@ def test_multi_turn_resume_is_bit_exact_with_the_cache(tmp_path, tiny_assets, to
                          max_turns=3, max_completion_length=64)
     assert sum(reused) > 0
     assert_exact_resume(resume, resume["straight"].pop("params"), resume["resumed"].pop("params"))
+
+
+def test_preallocated_layer_matches_concatenation_when_outrun_cropped_and_reordered():
+    """A decoding step writes into the buffer in place; when a call outruns the buffer, or something replaces the
+    states (crop, batch selection), the layer still holds exactly what DynamicLayer's concatenation would."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlfw.rollout.kv_cache import PreallocatedLayer
+
+    torch.manual_seed(0)
+    fast, plain = PreallocatedLayer(capacity=4), DynamicLayer()
+
+    def step(n, batch=3):
+        k, v = torch.randn(batch, 2, n, 8), torch.randn(batch, 2, n, 5)  # values may have another head size
+        a, b = fast.update(k, v), plain.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    step(3)
+    step(1)
+    buffer = fast.keys.data_ptr()
+    step(2)  # outruns the 4 columns: grows
+    assert fast.keys.data_ptr() != buffer and fast._buffers[0].shape[-2] >= 6
+    grown = fast.keys.data_ptr()
+    step(1)  # written in place now
+    assert fast.keys.data_ptr() == grown
+    for layer in (fast, plain):
+        layer.crop(-2)
+    step(1)
+    for layer in (fast, plain):
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    step(2, batch=2)
+    assert fast.get_seq_length() == plain.get_seq_length() == 8

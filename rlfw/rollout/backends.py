@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -62,141 +61,6 @@ def generation_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-GQA_ATTENTION = "rlfw_sdpa_gqa"
-
-
-def _sdpa_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' ``sdpa`` attention, except that grouped-query heads go to the kernel as they are
-    (``enable_gqa``) also when a padding mask is given, on the CPU.
-
-    transformers passes grouped heads to the kernel only without a mask (a CUDA limit: with one, the kernel falls back
-    to its slow path) and otherwise repeats every key and value head first, a copy of the whole cache per layer and
-    decoding step: the part of a turn's cost that grew with the conversation. On the CPU the kernel takes a mask and
-    grouped heads together, and the outputs are bit-identical (tested).
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if (attention_mask is None or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1
-            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def gqa_attention(model: Any):
-    """Run ``model`` (and its sub-models) with ``_sdpa_gqa`` where they use ``sdpa``; restored on exit."""
-    from transformers import AttentionInterface, PretrainedConfig
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
-    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
-    configs = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)
-               and getattr(c, "_attn_implementation_internal", None) == "sdpa"}
-    for config in configs.values():
-        config._attn_implementation_internal = GQA_ATTENTION
-    try:
-        yield model
-    finally:
-        for config in configs.values():
-            config._attn_implementation_internal = "sdpa"
-
-
-@dataclass
-class _Prefix:
-    """What one row of the last ``generate`` call left: its tokens and, per layer, their (keys, values), each of
-    shape (kv_heads, len(tokens), head_dim), views into that call's cache."""
-
-    tokens: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class PrefixCache:
-    """The key/value states of the sequences the last ``generate`` call produced, so that the next turn of the same
-    episodes forwards only its new tokens (the env tokens and the next generation prompt) instead of the whole prefix.
-
-    An entry is used by a prompt it is a strict prefix of, once; entries the next call does not use (finished
-    episodes) are dropped by that call, and the engine drops all of them when its batch of episodes is over
-    (``release``). Only caches whose layers are all plain ``DynamicLayer`` are kept (sliding-window, quantised,
-    offloaded and recurrent caches are not).
-
-    Memory: entries are views into the last call's cache, which is held until the next call has copied what it reuses
-    into its own input cache; at most about two batches' key/value states exist at once (2 x layers x kv_heads x
-    head_dim x bytes per token, e.g. 46 KB per token for SmolLM2-135M in float32), where recomputing holds one.
-    """
-
-    def __init__(self):
-        self.entries: list[_Prefix] = []
-        self.stats = {"reused_tokens": 0, "forwarded_tokens": 0}
-
-    def clear(self) -> None:
-        self.entries = []
-
-    def take(self, prompts: list[list[int]]) -> list[_Prefix | None]:
-        """For each prompt, the longest unused entry that is a strict prefix of it (or None); drops all entries."""
-        free, hits = self.entries, []
-        self.entries = []
-        for prompt in prompts:
-            best = None
-            for k, entry in enumerate(free):
-                n = len(entry.tokens) if entry is not None else 0
-                if (n and n < len(prompt) and (best is None or n > len(free[best].tokens))
-                        and prompt[n - 1] == entry.tokens[-1] and prompt[:n] == entry.tokens):
-                    best = k
-            hits.append(None if best is None else free[best])
-            if best is not None:
-                free[best] = None
-        return hits
-
-    @staticmethod
-    def layout(prompts: list[list[int]], hits: list[_Prefix | None]) -> tuple[int, int]:
-        """(W, T): the left-padded batch width and how many of its columns come from the cache.
-
-        Every row is right-aligned in W columns; the last ``W - T`` columns are forwarded, where ``W - T`` is the
-        longest uncached tail, so a row with a shorter tail forwards a few cached tokens again instead of leaving a
-        gap (plain left padding: position ids and attention masks as transformers builds them)."""
-        width = max(len(p) for p in prompts)
-        tail = max(len(p) - (len(h.tokens) if h is not None else 0) for p, h in zip(prompts, hits, strict=True))
-        return width, width - tail
-
-    def past(self, prompts: list[list[int]], hits: list[_Prefix | None], cached: int, config: Any) -> Any:
-        """A DynamicCache of ``cached`` columns: row i's first len(prompt_i) - tail cached tokens, right-aligned."""
-        from transformers import DynamicCache
-
-        width = max(len(p) for p in prompts)
-        tail = width - cached
-        reference = next(h for h in hits if h is not None).layers
-        data = []
-        for layer, (k0, v0) in enumerate(reference):
-            keys = k0.new_zeros((len(prompts), k0.shape[0], cached, k0.shape[-1]))
-            values = v0.new_zeros((len(prompts), v0.shape[0], cached, v0.shape[-1]))
-            for i, (prompt, hit) in enumerate(zip(prompts, hits, strict=True)):
-                n = len(prompt) - tail  # this row's tokens left of the forwarded columns
-                if n > 0:
-                    keys[i, :, cached - n:] = hit.layers[layer][0][:, :n]
-                    values[i, :, cached - n:] = hit.layers[layer][1][:, :n]
-            data.append((keys, values))
-        return DynamicCache(ddp_cache_data=data, config=config)
-
-    def keep(self, cache: Any, prompts: list[list[int]], width: int, kept: list[list[int]]) -> None:
-        """Store, per row, its prompt and ``kept[i]`` (the sampled ids the cache holds states for)."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        layers = getattr(cache, "layers", None)
-        if not isinstance(cache, DynamicCache) or not layers or any(type(x) is not DynamicLayer for x in layers):
-            return
-        for i, (prompt, ids) in enumerate(zip(prompts, kept, strict=True)):
-            lo, hi = width - len(prompt), width + len(ids)
-            if hi > layers[0].keys.shape[-2]:
-                return  # not the layout this backend made: keep nothing
-            self.entries.append(_Prefix(list(prompt) + list(ids),
-                                        [(x.keys[i, :, lo:hi], x.values[i, :, lo:hi]) for x in layers]))
-
-
 class HFBackend:
     """transformers ``generate`` with left padding; log-probs from the processed scores (after temperature/top-k/p).
 
@@ -211,6 +75,8 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any, *, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int | None = 0, min_p: float | None = None, repetition_penalty: float = 1.0,
                  eos_token_ids: Sequence[int] | None = None, trainer: Any = None, reuse_cache: bool = True):
+        from .kv_cache import PrefixCache
+
         self.model, self.tokenizer, self.trainer = model, tokenizer, trainer
         self.cache = PrefixCache() if reuse_cache else None
         eos = list(eos_token_ids or [])
@@ -252,6 +118,8 @@ class HFBackend:
     def generate(self, prompts: list[list[int]], max_new_tokens: Sequence[int] | int) -> GenerateOutput:
         from transformers import GenerationConfig
 
+        from .kv_cache import PrefixCache, gqa_attention
+
         budgets = _budgets(prompts, max_new_tokens)
         hits = self.cache.take(prompts) if self.cache is not None else [None] * len(prompts)
         with self._model() as model, torch.no_grad(), gqa_attention(model):  # entered even when empty: FSDP's summon is collective
@@ -259,7 +127,7 @@ class HFBackend:
                 return []
             device = next(model.parameters()).device
             width, cached = PrefixCache.layout(prompts, hits)
-            past = self.cache.past(prompts, hits, cached, model.config) if cached > 0 else None
+            past = self.cache.past(prompts, hits, cached, model.config, width + max(budgets)) if self.cache else None
             del hits  # the last call's states are copied into ``past``: free them before generate grows a new cache
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
