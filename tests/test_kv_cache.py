@@ -271,13 +271,14 @@ def test_multi_turn_resume_is_bit_exact_with_the_cache(tmp_path, tiny_assets, to
 
 def test_preallocated_layer_matches_concatenation_when_outrun_cropped_and_reordered():
     """A decoding step writes into the buffer in place; when a call outruns the buffer, or something replaces the
-    states (crop, batch selection), the layer still holds exactly what DynamicLayer's concatenation would."""
+    states (crop, batch selection), the layer still holds exactly what DynamicLayer's concatenation would; past its
+    limit it still grows to fit."""
     from transformers.cache_utils import DynamicLayer
 
     from rlfw.rollout.kv_cache import PreallocatedLayer
 
     torch.manual_seed(0)
-    fast, plain = PreallocatedLayer(capacity=4), DynamicLayer()
+    fast, plain = PreallocatedLayer(capacity=4, limit=7), DynamicLayer()
 
     def step(n, batch=3):
         k, v = torch.randn(batch, 2, n, 8), torch.randn(batch, 2, n, 5)  # values may have another head size
@@ -287,8 +288,8 @@ def test_preallocated_layer_matches_concatenation_when_outrun_cropped_and_reorde
     step(3)
     step(1)
     buffer = fast.keys.data_ptr()
-    step(2)  # outruns the 4 columns: grows
-    assert fast.keys.data_ptr() != buffer and fast._buffers[0].shape[-2] >= 6
+    step(2)  # outruns the 4 columns: doubles, up to the limit
+    assert fast.keys.data_ptr() != buffer and fast._buffers[0].shape[-2] == 7
     grown = fast.keys.data_ptr()
     step(1)  # written in place now
     assert fast.keys.data_ptr() == grown

@@ -127,7 +127,7 @@ class HFBackend:
                 return []
             device = next(model.parameters()).device
             width, cached = PrefixCache.layout(prompts, hits)
-            past = self.cache.past(prompts, hits, cached, model.config, width + max(budgets)) if self.cache else None
+            past = self.cache.past(prompts, hits, cached, model.config, max(budgets)) if self.cache else None
             del hits  # the last call's states are copied into ``past``: free them before generate grows a new cache
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)

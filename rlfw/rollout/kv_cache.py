@@ -69,14 +69,15 @@ class _Prefix:
 
 class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose states live in buffers allocated once per ``generate`` call for the prefix and every
-    token it may sample: a decoding step writes its column in place, where ``DynamicLayer`` concatenates a new copy
-    of the whole cache per step and layer (a per-step cost that grew with the conversation). ``keys`` and
-    ``values`` are views of the filled columns; anything that replaces them (crop, reordering) is taken as the new
-    content, and the buffers grow if a call outruns them."""
+    columns it is expected to sample: a decoding step writes its column in place, where ``DynamicLayer`` concatenates
+    a new copy of the whole cache per step and layer (a per-step cost that grew with the conversation). When a call
+    outruns the buffers they double (at most to ``limit`` columns, the prefix plus the call's token budget), so the
+    copies stay amortised and a long budget that is not used costs no memory. ``keys`` and ``values`` are views of
+    the filled columns; anything that replaces them (crop, reordering) is taken as the new content."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, limit: int | None = None):
         super().__init__()
-        self.capacity = capacity
+        self.capacity, self.limit = capacity, limit
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reserve(self, keys: torch.Tensor, values: torch.Tensor, batch: int, filled: int) -> None:
@@ -96,7 +97,8 @@ class PreallocatedLayer(DynamicLayer):
         buffers = self._buffers
         if (buffers is None or n + m > buffers[0].shape[-2] or key_states.shape[0] != buffers[0].shape[0]
                 or (n and self.keys.data_ptr() != buffers[0].data_ptr())):
-            size = max(self.capacity, 2 * (n + m)) if buffers is not None else max(self.capacity, n + m)
+            grown = min(2 * (n + m), self.limit or 2 * (n + m))
+            size = max(self.capacity, n + m) if buffers is None else max(n + m, grown)
             buffers = tuple(x.new_empty((*x.shape[:-2], size, x.shape[-1])) for x in (key_states, value_states))
             if n:
                 buffers[0][:, :, :n] = self.keys
@@ -108,6 +110,9 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+SPARE_COLUMNS = 128  # room for sampled tokens a call's buffers start with; they double when a turn runs longer
+
+
 class PrefixCache:
     """The key/value states of the sequences the last ``generate`` call produced, so that the next turn of the same
     episodes forwards only its new tokens (the env tokens and the next generation prompt) instead of the whole prefix.
@@ -117,9 +122,10 @@ class PrefixCache:
     (``release``). Only models whose cache is all plain ``DynamicLayer``s are served (held as ``PreallocatedLayer``s;
     sliding-window, quantised, offloaded and recurrent caches are not).
 
-    Memory: entries are views into the last call's cache, which is held until the next call has copied what it reuses
-    into its own input cache; at most about two batches' key/value states exist at once (2 x layers x kv_heads x
-    head_dim x bytes per token, e.g. 46 KB per token for SmolLM2-135M in float32), where recomputing holds one.
+    Memory: entries are views into the last call's buffers, which are held until the next call has copied what it
+    reuses into its own; so at most two calls' buffers exist at once, each of batch x (longest prompt + tokens
+    sampled, rounded up to at most twice that) columns, at 2 x layers x kv_heads x head_dim x bytes per column (46 KB
+    for SmolLM2-135M in float32). Recomputing holds one call's states, but its concatenation copies them every step.
     """
 
     def __init__(self):
@@ -157,17 +163,19 @@ class PrefixCache:
         return width, width - tail
 
     def past(self, prompts: list[list[int]], hits: list[_Prefix | None], cached: int, config: Any,
-             capacity: int) -> Any:
-        """A cache for the next ``generate`` call, of ``PreallocatedLayer``s holding ``capacity`` columns each, with
-        its first ``cached`` columns filled: row i's first len(prompt_i) - tail cached tokens, right-aligned. None where
-        the model's cache is not all plain ``DynamicLayer``s (``generate`` then builds its own)."""
+             max_new_tokens: int) -> Any:
+        """A cache for the next ``generate`` call, of ``PreallocatedLayer``s with room for the prompts and
+        ``SPARE_COLUMNS`` sampled tokens (growing up to ``max_new_tokens``), its first ``cached`` columns filled: row
+        i's first len(prompt_i) - tail cached tokens, right-aligned. None where the model's cache is not all plain
+        ``DynamicLayer``s (``generate`` then builds its own)."""
         cache = DynamicCache(config=config)
         if not cache.layers or any(type(x) is not DynamicLayer for x in cache.layers):
             return None
-        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+        width = max(len(p) for p in prompts)
+        capacity = width + min(max_new_tokens, SPARE_COLUMNS)
+        cache.layers = [PreallocatedLayer(capacity, width + max_new_tokens) for _ in cache.layers]
         if cached == 0:
             return cache
-        width = max(len(p) for p in prompts)
         tail = width - cached
         reference = next(h for h in hits if h is not None).layers
         for layer, (keys, values) in zip(cache.layers, reference, strict=True):
