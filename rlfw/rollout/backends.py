@@ -122,7 +122,8 @@ class HFBackend:
 
         budgets = _budgets(prompts, max_new_tokens)
         hits = self.cache.take(prompts) if self.cache is not None else [None] * len(prompts)
-        with self._model() as model, torch.no_grad(), gqa_attention(model):  # entered even when empty: FSDP's summon is collective
+        # entered even when there is nothing to generate: FSDP's summon is collective
+        with self._model() as model, torch.no_grad(), gqa_attention(model):
             if not prompts:
                 return []
             device = next(model.parameters()).device

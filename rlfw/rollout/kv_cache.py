@@ -42,11 +42,13 @@ def _sdpa_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
+AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+
+
 @contextlib.contextmanager
 def gqa_attention(model: Any):
     """Run ``model`` (and its sub-models) with ``_sdpa_gqa`` where they use ``sdpa``; restored on exit."""
-    AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
-    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
     configs = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)
                and getattr(c, "_attn_implementation_internal", None) == "sdpa"}
     for config in configs.values():
@@ -68,8 +70,8 @@ class _Prefix:
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose states live in buffers allocated once per ``generate`` call for the prefix and every
-    columns it is expected to sample: a decoding step writes its column in place, where ``DynamicLayer`` concatenates
+    """A ``DynamicLayer`` whose states live in buffers allocated once per ``generate`` call for the prefix and the
+    tokens it is expected to sample: a decoding step writes its column in place, where ``DynamicLayer`` concatenates
     a new copy of the whole cache per step and layer (a per-step cost that grew with the conversation). When a call
     outruns the buffers they double (at most to ``limit`` columns, the prefix plus the call's token budget), so the
     copies stay amortised and a long budget that is not used costs no memory. ``keys`` and ``values`` are views of
