@@ -7,7 +7,7 @@ Both contenders run inside ``trl.GRPOTrainer._generate_and_score_completions`` (
 TRL with ``environment_factory=BenchEnv``, rlfw with ``rollout_func=make_rollout_func(BenchEnv, ...)``. The number of
 turns is forced equally for both by a logits processor attached to ``model.generate``: it emits a fixed tool call in
 every turn but the last and a fixed answer in the last, so both sample exactly the same tokens and the ratio measures
-the loop, not the model. Runs alternate between contenders. Appends the table to docs/benchmarks.md.
+the loop, not the model. Rollouts alternate between contenders one by one. Appends the table to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -74,23 +74,49 @@ def _matches(ids: torch.Tensor, marker: list[int]) -> torch.Tensor:
 
 
 class ForceTurns(LogitsProcessor):
-    """Per row: a tool call in turns 0..K-2 and the answer in turn K-1 (turn index = number of tool results so far)."""
+    """Per row: a tool call in turns 0..K-2 and the answer in turn K-1 (turn index = number of tool results so far).
+
+    One instance serves one ``generate`` call: the first step scans the prompts, each later step looks only at the
+    token it appended (the same result as a rescan, at a cost that does not grow with the conversation in either
+    loop)."""
 
     def __init__(self, tokenizer, num_turns: int):
         markup = MARKUP["hermes" if "<tool_call>" in (tokenizer.chat_template or "") else "rlfw"]
         self.call, self.answer, self.assistant, self.tool = (tokenizer.encode(text, add_special_tokens=False)
                                                              for text in markup)
         self.eos, self.num_turns = tokenizer.eos_token_id, num_turns
+        self.seen = 0  # columns of input_ids already scanned
 
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
+    def _scan(self, input_ids):
         length = input_ids.shape[1]
         columns = torch.arange(length, device=input_ids.device)
         # first token of the current turn: just after the last assistant marker
         starts = torch.where(_matches(input_ids, self.assistant), columns, -1).max(dim=1).values + len(self.assistant)
         tools = _matches(input_ids, self.tool).sum(dim=1)
         ended = ((input_ids == self.eos) & (columns >= starts[:, None])).any(dim=1)
-        for b, (start, n_tools, done) in enumerate(zip(starts.tolist(), tools.tolist(), ended.tolist(), strict=True)):
+        self.starts, self.tools, self.ended = starts.tolist(), tools.tolist(), ended.tolist()
+
+    def _step(self, input_ids):
+        """Update the per-row state with the last column only."""
+        length = input_ids.shape[1]
+        last = input_ids[:, -max(len(self.assistant), len(self.tool)):].tolist()
+        for b, row in enumerate(last):
+            if row[-len(self.assistant):] == self.assistant:
+                self.starts[b], self.ended[b] = length, False
+            if row[-len(self.tool):] == self.tool:
+                self.tools[b] += 1
+            if row[-1] == self.eos and length - 1 >= self.starts[b]:
+                self.ended[b] = True
+
+    def __call__(self, input_ids, scores):
+        length = input_ids.shape[1]
+        if self.seen and length == self.seen + 1:
+            self._step(input_ids)
+        else:
+            self._scan(input_ids)
+        self.seen = length
+        forced = torch.full_like(scores, float("-inf"))
+        for b, (start, n_tools, done) in enumerate(zip(self.starts, self.tools, self.ended, strict=True)):
             if done:  # this row already ended its turn: padding follows
                 forced[b, self.eos] = 0.0
                 continue
@@ -188,10 +214,12 @@ def run(args) -> str:
         warm = {c: measure(*trainers[c])[0] for c in ("trl", "rlfw")}  # warm-up, not counted
         # Short rollouts are repeated within a round so that each contender's round lasts >= --min-seconds.
         calls = max(1, math.ceil(args.min_seconds / max(warm.values())))
+        # The contenders alternate rollout by rollout (the order flips every time), so that a slow spell of the
+        # machine falls on both alike.
         for rep in range(1, args.repeats + 1):
-            order = ("trl", "rlfw") if rep % 2 == 0 else ("rlfw", "trl")
-            for c in order:
-                for call in range(calls):
+            for call in range(calls):
+                order = ("trl", "rlfw") if (rep * calls + call) % 2 == 0 else ("rlfw", "trl")
+                for c in order:
                     torch.manual_seed(rep * calls + call)
                     timer = span_timer(trainers[c][0], c) if k == max(args.turns) else None
                     t, n, toks = measure(*trainers[c])
@@ -246,7 +274,7 @@ def main() -> None:
              if args.model else f"`{args.preset}` local Llama (hidden {size['hidden_size']}, {size['num_layers']} layers)")
     machine_line = (f"{machine()}; {model}, {args.batch} episodes per step, max_completion_length "
                     f"{args.max_completion_length}, "
-                    f"G={args.group}, {args.repeats} alternating rounds (each >= {args.min_seconds:g} s per contender) after 1 "
+                    f"G={args.group}, {args.repeats} rounds (each >= {args.min_seconds:g} s per contender), rollouts alternating one by one, after 1 "
                     "warm-up")
     append_result("Rollout engine vs TRL tool loop", "Produced by `bench/rollout.py`; newest results last.",
                   f"{machine_line}.\n\n{table}")

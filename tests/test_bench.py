@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -16,8 +17,9 @@ def bench(tiny_assets):
     try:
         import overhead
         import probe_cost
+        import rollout
 
-        yield overhead, probe_cost
+        yield overhead, probe_cost, rollout
     finally:
         sys.path.remove(str(REPO / "bench"))
 
@@ -30,7 +32,7 @@ def overhead_args(**overrides) -> argparse.Namespace:
 
 @pytest.mark.parametrize("mode", ["single", "multi"])
 def test_step_phases_add_up_to_the_step_time(bench, tiny_assets, tokenizer, mode):
-    overhead, _ = bench
+    overhead, *_ = bench
     runs = {c: overhead.one_run(c, mode, tiny_assets, tokenizer, overhead_args()) for c in ("trl", "rlfw")}
     for run in runs.values():
         phases = run["phases"]
@@ -42,7 +44,7 @@ def test_step_phases_add_up_to_the_step_time(bench, tiny_assets, tokenizer, mode
 
 
 def test_probe_cost_skips_rollouts_whose_gains_are_discarded(bench, tiny_assets, tokenizer):
-    _, probe_cost = bench
+    _, probe_cost, _ = bench
     args = argparse.Namespace(warmup_steps=0, steps=1, batch=4, group=2, max_completion_length=24, max_turns=2)
     skipping = probe_cost.one_run("igpo", tiny_assets, tokenizer, args)
     probing = probe_cost.one_run("igpo-probe-all", tiny_assets, tokenizer, args)
@@ -85,3 +87,22 @@ def test_mechanism_preconditions_from_a_batch():
     assert stats["clean_reward"] == pytest.approx(0.5) and stats["answered"] == pytest.approx(4 / 6)
     binary = batch_stats(batch.replace(rewards=torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])), out, clean)
     assert binary["label_error"] == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("num_turns", [1, 2, 4])
+def test_turn_forcing_step_by_step_equals_a_rescan(bench, tokenizer, num_turns):
+    """The forcing processor updates its per-row state from the appended token; a fresh instance rescans the whole
+    history. Both force the same token at every step, for rows at different turns and paddings, through EOS."""
+    *_, rollout = bench
+    probe = rollout.ForceTurns(tokenizer, num_turns)
+    turn = probe.assistant + probe.call + probe.tool + tokenizer.encode("echo: hi", add_special_tokens=False)
+    rows = [turn * n + probe.assistant for n in range(4)] + [tokenizer.encode("hello") + probe.assistant]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    stepping, vocab = rollout.ForceTurns(tokenizer, num_turns), len(tokenizer)
+    for _ in range(len(probe.call) + 5):
+        scores = torch.zeros(ids.shape[0], vocab)
+        forced = stepping(ids, scores)
+        assert torch.equal(forced, rollout.ForceTurns(tokenizer, num_turns)(ids, scores))
+        ids = torch.cat([ids, forced.argmax(-1, keepdim=True)], dim=1)
+    assert (ids[:, -1] == tokenizer.eos_token_id).all()  # every row ended its turn

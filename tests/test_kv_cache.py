@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from rlfw.rollout import HFBackend, RolloutEngine
-from rlfw.rollout.kv_cache import GQA_ATTENTION, PrefixCache, _Prefix, gqa_attention
+from rlfw.rollout.kv_cache import GQA_ATTENTION, PrefixCache, _decode_mask, _Prefix, gqa_attention
 
 
 class EosBias(LogitsProcessor):
@@ -147,6 +147,33 @@ def test_grouped_query_attention_with_a_padding_mask_is_bit_identical(model, tok
         grouped = run()
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(plain[0], grouped[0]) and torch.equal(plain[1], grouped[1])
+
+
+def test_decoding_step_mask_equals_transformers_mask():
+    """The decoding-step shortcut gives sdpa_mask's values (None without padding) for one query at the end, and every
+    other case goes to sdpa_mask unchanged (prefill, a query elsewhere, an offset, a sliding window)."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    gen = torch.Generator().manual_seed(0)
+    for batch, kv in [(1, 1), (3, 7), (8, 130)]:
+        for padded in (False, True):
+            mask = torch.ones(batch, kv, dtype=torch.bool)
+            if padded:
+                mask[:, : kv // 2] = torch.rand(batch, kv // 2, generator=gen) < 0.5
+            cases = [dict(q_length=1, kv_length=kv, q_offset=kv - 1),  # decoding step: the shortcut
+                     dict(q_length=min(kv, 4), kv_length=kv, q_offset=kv - min(kv, 4)),  # a forwarded tail
+                     dict(q_length=1, kv_length=kv, q_offset=max(kv - 3, 0)),  # a query before the end
+                     dict(q_length=1, kv_length=kv, q_offset=kv - 1, local_size=3),
+                     dict(q_length=1, kv_length=kv, q_offset=kv - 1,
+                          mask_function=sliding_window_causal_mask_function(3))]
+            for case in cases:
+                args = dict(batch_size=batch, attention_mask=mask, **case)
+                ours, theirs = _decode_mask(**args), sdpa_mask(**args)
+                assert (ours is None) == (theirs is None), (batch, kv, padded, case)
+                if ours is not None:
+                    assert ours.shape == theirs.shape and torch.equal(ours, theirs), (batch, kv, padded, case)
+            assert (_decode_mask(batch_size=batch, q_length=1, kv_length=kv, q_offset=kv - 1, attention_mask=mask)
+                    is None) == (not padded or bool(mask.all()))
 
 
 def test_prefix_matching_uses_each_entry_once_and_drops_the_rest():

@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 GQA_ATTENTION = "rlfw_sdpa_gqa"
 
@@ -42,8 +42,31 @@ def _sdpa_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+def _decode_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
+                 mask_function: Any = causal_mask_function, attention_mask: torch.Tensor | None = None,
+                 local_size: int | None = None, allow_is_causal_skip: bool = True, use_vmap: bool = False,
+                 **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, with a shortcut for a decoding step of a plain causal mask.
+
+    One query at the end of the keys sees every key, so the causal part is all true and the mask is the padding mask
+    itself, (batch, 1, 1, kv); ``sdpa_mask`` builds the same values through its general index machinery, a fixed cost
+    of each decoding step. Everything else (prefill, sliding windows, offsets, custom mask functions) goes to
+    ``sdpa_mask``; the values are equal (tested), and a mask without padding is skipped as there.
+    """
+    if (q_length == 1 and kv_offset == 0 and isinstance(q_offset, int) and q_offset == kv_length - 1
+            and mask_function is causal_mask_function and local_size is None and not use_vmap
+            and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] == kv_length
+            and attention_mask.dtype == torch.bool and not torch.compiler.is_compiling()):
+        if allow_is_causal_skip and int(attention_mask.sum()) == attention_mask.numel():
+            return None
+        return attention_mask[:, None, None, :]
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap, **kwargs)
+
+
 AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
-AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(GQA_ATTENTION, _decode_mask)
 
 
 @contextlib.contextmanager
