@@ -9,6 +9,7 @@ different rows). Either way both contenders see the same processed scores, so th
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -166,11 +167,15 @@ def test_decoding_step_mask_equals_transformers_mask():
                      dict(q_length=1, kv_length=kv, q_offset=kv - 1, local_size=3),
                      dict(q_length=1, kv_length=kv, q_offset=kv - 1,
                           mask_function=sliding_window_causal_mask_function(3))]
-            for case in cases:
+            for case, dtype in itertools.product(cases, [None, torch.float32]):
                 args = dict(batch_size=batch, attention_mask=mask, **case)
-                ours, theirs = _decode_mask(**args), sdpa_mask(**args)
+                ours, theirs = _decode_mask(**args, dtype=dtype), sdpa_mask(**args, dtype=dtype)
                 assert (ours is None) == (theirs is None), (batch, kv, padded, case)
                 if ours is not None:
+                    if ours.dtype == torch.float32:  # the additive form of the same mask
+                        assert theirs.dtype == torch.bool and case["q_length"] == 1
+                        assert set(ours.unique().tolist()) <= {0.0, float("-inf")}
+                        ours = ours == 0
                     assert ours.shape == theirs.shape and torch.equal(ours, theirs), (batch, kv, padded, case)
             assert (_decode_mask(batch_size=batch, q_length=1, kv_length=kv, q_offset=kv - 1, attention_mask=mask)
                     is None) == (not padded or bool(mask.all()))

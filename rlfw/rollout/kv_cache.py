@@ -50,8 +50,10 @@ def _decode_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any =
 
     One query at the end of the keys sees every key, so the causal part is all true and the mask is the padding mask
     itself, (batch, 1, 1, kv); ``sdpa_mask`` builds the same values through its general index machinery, a fixed cost
-    of each decoding step. Everything else (prefill, sliding windows, offsets, custom mask functions) goes to
-    ``sdpa_mask``; the values are equal (tested), and a mask without padding is skipped as there.
+    of each decoding step. Given the float ``dtype`` of the states, the mask is returned as the additive mask (0 where
+    attended, -inf elsewhere) that the attention kernel makes of a boolean one, once per step instead of per layer.
+    Everything else (prefill, sliding windows, offsets, custom mask functions) goes to ``sdpa_mask``; the values are
+    equal (tested), and a mask without padding is skipped as there.
     """
     if (q_length == 1 and kv_offset == 0 and isinstance(q_offset, int) and q_offset == kv_length - 1
             and mask_function is causal_mask_function and local_size is None and not use_vmap
@@ -59,7 +61,12 @@ def _decode_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any =
             and attention_mask.dtype == torch.bool and not torch.compiler.is_compiling()):
         if allow_is_causal_skip and int(attention_mask.sum()) == attention_mask.numel():
             return None
-        return attention_mask[:, None, None, :]
+        mask = attention_mask[:, None, None, :]
+        dtype = kwargs.get("dtype")
+        if dtype is None or not dtype.is_floating_point:
+            return mask
+        # as the kernel would convert the boolean mask, but once per step instead of once per layer
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap, **kwargs)
