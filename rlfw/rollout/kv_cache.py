@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, fast_all, sdpa_mask
 
 GQA_ATTENTION = "rlfw_sdpa_gqa"
 
@@ -59,7 +59,7 @@ def _decode_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any =
             and mask_function is causal_mask_function and local_size is None and not use_vmap
             and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] == kv_length
             and attention_mask.dtype == torch.bool and not torch.compiler.is_compiling()):
-        if allow_is_causal_skip and int(attention_mask.sum()) == attention_mask.numel():
+        if allow_is_causal_skip and fast_all(attention_mask):
             return None
         mask = attention_mask[:, None, None, :]
         dtype = kwargs.get("dtype")
